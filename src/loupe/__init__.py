@@ -1,0 +1,18 @@
+"""Loupe: high-resolution vision-language models that look closely only where it matters."""
+
+from loupe.checkpoints import from_pretrained, save_pretrained
+from loupe.config import TextConfig, VisionConfig, VLMConfig
+from loupe.errors import CheckpointError, ConfigError, LoupeError
+from loupe.generation import SamplingConfig, generate
+from loupe.images import ImageProcessor, load_image
+from loupe.methods import METHODS, method_options
+from loupe.text import Tokenizer, llava_prompt
+from loupe.vlm import VLM, VLMOutput
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS", "VLM", "CheckpointError", "ConfigError", "ImageProcessor", "LoupeError", "SamplingConfig",
+    "TextConfig", "Tokenizer", "VLMConfig", "VLMOutput", "VisionConfig", "from_pretrained", "generate",
+    "llava_prompt", "load_image", "method_options", "save_pretrained",
+]

@@ -1,0 +1,266 @@
+"""Checkpoints: Hugging Face LLaVA folders <-> Loupe models, safetensors only.
+
+One key map, used by production loading, saving and the tests alike:
+
+- `LAYOUT_RULES` rewrite every key layout found in the wild into the layout the
+  published `llava-hf/llava-1.5-7b-hf` files use (`language_model.model.layers.N...`,
+  `vision_tower.vision_model...`). Layouts: published llava-hf; transformers >= 4.52
+  in memory (`model.language_model...`, `lm_head`); transformers 5 `save_pretrained`
+  (`vision_tower.encoder...`, no `vision_model`).
+- `PREFIXES` map that published layout to Loupe's module names, both ways.
+
+Loading builds the model on the meta device and assigns each tensor straight from the
+memory-mapped file at the requested dtype, so a bf16 7B checkpoint loads in bf16 without
+ever materialising an fp32 copy. Pickled `.bin`/`.pt` files are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from loupe.config import VLMConfig
+from loupe.errors import CheckpointError, preview
+from loupe.methods import MethodConfig, method_options
+from loupe.vlm import VLM
+
+# Any layout in the wild -> the published llava-hf layout. Applied in order.
+LAYOUT_RULES: list[tuple[str, str]] = [
+    (r"^model\.language_model\.", "language_model.model."),
+    (r"^lm_head\.", "language_model.lm_head."),
+    (r"^model\.vision_tower\.", "vision_tower."),
+    (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+    (r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model."),
+]
+
+# Keys real checkpoints carry that no Loupe module reads (LLaVA never applies CLIP's
+# post-layernorm; old exports carry RoPE and position-id buffers).
+IGNORED = re.compile(r"^vision_tower\.vision_model\.post_layernorm\.|rotary_emb\.inv_freq$|position_ids$")
+
+# (Loupe prefix, published llava-hf prefix); first match wins in either direction.
+PREFIXES: list[tuple[str, str]] = [
+    ("vision_tower.layers.", "vision_tower.vision_model.encoder.layers."),
+    ("vision_tower.", "vision_tower.vision_model."),
+    ("projector.", "multi_modal_projector."),
+    ("decoder.lm_head.", "language_model.lm_head."),
+    ("decoder.", "language_model.model."),
+    ("method.", "loupe_method."),
+]
+
+LOUPE_CONFIG = "loupe.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def to_published(key: str) -> str:
+    for pattern, replacement in LAYOUT_RULES:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def hf_to_loupe(key: str) -> str | None:
+    """Loupe parameter name of a checkpoint key in any known layout (None: ignored key)."""
+    key = to_published(key)
+    if IGNORED.search(key):
+        return None
+    for loupe, hf in PREFIXES:
+        if key.startswith(hf):
+            return loupe + key[len(hf):]
+    return "?" + key  # unknown: reported as unexpected
+
+
+def loupe_to_hf(name: str) -> str:
+    for loupe, hf in PREFIXES:
+        if name.startswith(loupe):
+            return hf + name[len(loupe):]
+    raise KeyError(name)
+
+
+# ---- reading ----------------------------------------------------------------------------
+def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of a checkpoint folder, refusing pickled checkpoints."""
+    if folder.is_file():
+        folder_kind = "pickled checkpoint" if folder.suffix in PICKLE_SUFFIXES else "file"
+        raise CheckpointError(f"{folder} is a {folder_kind}, not a checkpoint folder; Loupe loads Hugging Face "
+                              "folders with config.json and *.safetensors")
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [folder / n for n in names]
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"{index} names shard(s) that are not there: {preview(missing)}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise CheckpointError(f"{folder} holds only pickled weights ({preview(pickled)}); Loupe never unpickles "
+                              "a checkpoint (it can run arbitrary code). Convert it to safetensors first, e.g. "
+                              "with transformers' save_pretrained(..., safe_serialization=True).")
+    raise CheckpointError(f"no *.safetensors weights in {folder}")
+
+
+def read_config(folder: Path) -> tuple[VLMConfig, MethodConfig | None]:
+    """The model config, and the method the checkpoint was converted to (None: base LLaVA)."""
+    loupe_file, hf_file = folder / LOUPE_CONFIG, folder / "config.json"
+    if loupe_file.exists():
+        d = json.loads(loupe_file.read_text())
+        method = dict(d["method"])
+        return VLMConfig.from_dict(d["model"]), method_options(method.pop("name"), **method)
+    if not hf_file.exists():
+        raise CheckpointError(f"{folder} has no config.json")
+    try:
+        return VLMConfig.from_hf(json.loads(hf_file.read_text())), None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{hf_file} is not valid JSON: {e}") from None
+
+
+def iter_tensors(files: list[Path], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint key, tensor) pairs, memory-mapped, on `device`."""
+    for file in files:
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+def resolve_dtype(stored: torch.dtype, dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
+    """dtype None keeps the checkpoint's, except fp16 on CPU, which becomes bf16 (fp16
+    matmuls are ~100x slower than fp32 on CPU). fp16 asked for on CPU runs, with a warning."""
+    if device.type == "cpu" and dtype == torch.float16:
+        warnings.warn("float16 on CPU is very slow (no fp16 matmul kernels); use dtype=torch.bfloat16 or "
+                      "torch.float32", stacklevel=3)
+    if dtype is not None:
+        return dtype
+    return torch.bfloat16 if device.type == "cpu" and stored == torch.float16 else stored
+
+
+def from_pretrained(
+    path: str | os.PathLike[str],
+    method: str | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    **options: object,
+) -> VLM:
+    """Load a LLaVA checkpoint folder (HF layout) or a Loupe-converted one.
+
+    method: None keeps the checkpoint's method ("lowres" for a plain LLaVA checkpoint);
+        another name builds that method on top, initialising its new weights from the
+        base model as `loupe convert` would. `options` are that method's options.
+    dtype: None keeps the stored dtype (fp16 on CPU becomes bf16).
+    """
+    folder, device = Path(path), torch.device(device)
+    files = safetensors_files(folder)
+    cfg, stored_method = read_config(folder)
+    wanted = _wanted_method(method, stored_method, options)
+
+    with torch.device("meta"):
+        model = VLM(cfg, wanted)
+    state, target_dtype = {}, None
+    for key, tensor in iter_tensors(files, device):
+        name = hf_to_loupe(key)
+        if name is None:
+            continue
+        if target_dtype is None and tensor.is_floating_point():
+            target_dtype = resolve_dtype(tensor.dtype, dtype, device)
+        state[name] = tensor.to(target_dtype) if tensor.is_floating_point() else tensor
+    _check_keys(model, state, folder, new_method=stored_method is None or wanted.name != stored_method.name)
+    model.load_state_dict(state, strict=False, assign=True)
+    _materialise_new(model, device, target_dtype or torch.float32)
+    return model.eval()
+
+
+def _wanted_method(method: str | None, stored: MethodConfig | None, options: dict[str, object]) -> MethodConfig:
+    if method is None and stored is not None and not options:
+        return stored
+    name = method or (stored.name if stored else "lowres")
+    return method_options(name, **options)
+
+
+def _check_keys(model: VLM, state: dict[str, torch.Tensor], folder: Path, new_method: bool) -> None:
+    expected = set(model.state_dict().keys())
+    if model.cfg.text.tie_word_embeddings:
+        expected.discard("decoder.lm_head.weight")
+    found = set(state)
+    missing = sorted(k for k in expected - found if not (new_method and k.startswith("method.")))
+    unexpected = sorted(loupe_to_hf(k) if not k.startswith("?") else k[1:] for k in found - expected)
+    if missing:
+        raise CheckpointError(f"checkpoint {folder} lacks {len(missing)} weight(s) the model needs: "
+                              f"{preview([loupe_to_hf(k) for k in missing])}")
+    if unexpected:
+        raise CheckpointError(f"checkpoint {folder} has {len(unexpected)} weight(s) the model does not use: "
+                              f"{preview(unexpected)}")
+
+
+def _materialise_new(model: VLM, device: torch.device, dtype: torch.dtype) -> None:
+    """Tie the LM head if asked, and give the method's new weights (still on meta when
+    the checkpoint did not have them) storage initialised from the base model."""
+    if model.cfg.text.tie_word_embeddings:
+        model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
+    if any(p.is_meta for p in model.method.parameters()):
+        model.method.to_empty(device=device).to(dtype)
+        model.method.init_from_base(model)
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise CheckpointError(f"weights left uninitialised after loading: {preview(still_meta)}")
+
+
+# ---- writing ----------------------------------------------------------------------------
+def save_pretrained(model: VLM, path: str | os.PathLike[str], *, overwrite: bool = False,
+                    shard_bytes: int = 5 * 2**30) -> None:
+    """Write `model` as a HF-layout folder (+ loupe.json recording the method), atomically:
+    everything goes to a temporary folder that replaces `path` only when complete."""
+    folder = Path(path)
+    if folder.exists() and not overwrite:
+        raise CheckpointError(f"{folder} already exists; pass overwrite=True to replace it")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        _write_weights(model, tmp, shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(model.cfg.to_hf(), indent=2))
+        meta = {"model": model.cfg.to_dict(), "method": model.method.options.to_dict()}
+        (tmp / LOUPE_CONFIG).write_text(json.dumps(meta, indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_weights(model: VLM, folder: Path, shard_bytes: int) -> None:
+    state = {loupe_to_hf(k): v.detach().contiguous() for k, v in model.state_dict().items()
+             if not (model.cfg.text.tie_word_embeddings and k == "decoder.lm_head.weight")}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+             "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -1,0 +1,174 @@
+"""`loupe` command line. Each subcommand is a small function; bad input (a LoupeError)
+prints one clear line and exits with status 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from loupe.checkpoints import from_pretrained
+from loupe.errors import LoupeError
+from loupe.generation import SamplingConfig, generate
+from loupe.images import ImageProcessor, load_image
+from loupe.methods import METHODS
+from loupe.text import Tokenizer, llava_prompt
+from loupe.vlm import VLM
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 0
+    try:
+        return args.run(args) or 0
+    except LoupeError as e:
+        print(f"loupe: error: {e}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loupe", description="High-resolution VLMs that look closely only "
+                                     "where it matters (FlexAttention, VISOR and baselines).")
+    sub = parser.add_subparsers(title="commands")
+    for add in (_add_generate, _add_info, _add_demo):
+        add(sub)
+    return parser
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint folder (Hugging Face LLaVA layout)")
+    p.add_argument("--method", choices=sorted(METHODS), default=None, help="method (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: as stored (fp16 -> bf16 on CPU)")
+    p.add_argument("--device", default="cpu")
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="answer a prompt about an image, streaming tokens")
+    _model_args(p)
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--prompt", required=True, help="question; the LLaVA-1.5 template is applied")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(run=cmd_generate)
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="config, parameter counts and method of a checkpoint")
+    _model_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=cmd_info)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="smoke run: build a tiny random model and generate from it")
+    p.add_argument("--out", default=None, help="where to write the tiny checkpoint (default: a temp dir)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.set_defaults(run=cmd_demo)
+
+
+def _load(args: argparse.Namespace) -> VLM:
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    return from_pretrained(args.model, args.method, dtype=dtype, device=args.device)
+
+
+def stream_printer(tok: Tokenizer) -> Callable[[torch.Tensor], None]:
+    """A callback printing newly decoded text as tokens arrive (batch of one)."""
+    ids: list[int] = []
+    shown = ""
+
+    def on_token(step: torch.Tensor) -> None:
+        nonlocal shown
+        ids.append(int(step[0]))
+        text = tok.decode(ids)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+
+    return on_token
+
+
+def run_generation(model: VLM, tok: Tokenizer, image_path: str, prompt: str, sampling: SamplingConfig) -> str:
+    image = load_image(image_path)
+    pixels = ImageProcessor(size=model.cfg.vision.image_size).batch([image])
+    ids, mask = tok.pad_left([tok.encode(llava_prompt(prompt), model.method.tokens_per_image())])
+    out = generate(model, ids, pixels, mask, sampling, on_token=stream_printer(tok))
+    print()
+    return tok.decode(out[0].tolist())
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    model = _load(args)
+    tok = Tokenizer.from_folder(args.model, model.cfg.image_token_id)
+    stops = [tok.eos_id] if tok.eos_id is not None else model.cfg.text.eos_token_ids
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, stops, args.seed)
+    run_generation(model, tok, args.image, args.prompt, sampling)
+    return 0
+
+
+def model_info(model: VLM) -> dict[str, object]:
+    def count(module: torch.nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    return {
+        "method": model.method.options.to_dict(),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "parameters": {"vision_tower": count(model.vision_tower), "projector": count(model.projector),
+                       "decoder": count(model.decoder), "method": count(model.method), "total": count(model)},
+        "image_tokens_per_image": model.method.tokens_per_image(),
+        "config": model.cfg.to_dict(),
+    }
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = model_info(_load(args))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    params = info["parameters"]
+    assert isinstance(params, dict)
+    print(f"method: {info['method']}")
+    print(f"dtype: {info['dtype']}   image tokens per image: {info['image_tokens_per_image']}")
+    for part, n in params.items():
+        print(f"  {part:<13} {n:>15,d} parameters")
+    cfg = info["config"]
+    assert isinstance(cfg, dict)
+    print(f"vision: {json.dumps(cfg['vision'])}")
+    print(f"text:   {json.dumps(cfg['text'])}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from loupe.tiny import write_tiny_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(args.out) if args.out else Path(tmp) / "tiny-llava"
+        write_tiny_checkpoint(folder, overwrite=True)
+        image_path = Path(tmp) / "demo.png"
+        Image.new("RGB", (80, 60), (200, 30, 30)).save(image_path)
+        model = from_pretrained(folder, dtype=torch.float32)
+        tok = Tokenizer.from_folder(folder, model.cfg.image_token_id)
+        print(f"tiny random LLaVA at {folder} (untrained: the words are noise; the pipeline is real)")
+        start = time.perf_counter()
+        run_generation(model, tok, str(image_path), "What is in the image?",
+                       SamplingConfig(max_new_tokens=args.max_new_tokens))
+        print(f"generated {args.max_new_tokens} tokens in {time.perf_counter() - start:.2f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

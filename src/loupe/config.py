@@ -1,0 +1,224 @@
+"""Model configs: plain dataclasses that round-trip through JSON.
+
+`VLMConfig.from_hf(dict)` reads a Hugging Face LLaVA `config.json` and refuses, with a
+`ConfigError` naming the field and value, anything the Loupe model would silently get
+wrong (another activation, a RoPE scaling scheme, another vision tower).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from loupe.errors import ConfigError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class VisionConfig:
+    """A CLIP ViT: class token, pre-layernorm, quick-GELU MLP."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 24
+    num_heads: int = 16
+    image_size: int = 336
+    patch_size: int = 14
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+
+    def __post_init__(self) -> None:
+        _require(self.hidden_act in ("quick_gelu", "gelu"), "vision_config.hidden_act", self.hidden_act,
+                 "quick_gelu or gelu")
+        _require(self.image_size % self.patch_size == 0, "vision_config.image_size", self.image_size,
+                 f"a multiple of patch_size={self.patch_size}")
+        _require(self.hidden_size % self.num_heads == 0, "vision_config.hidden_size", self.hidden_size,
+                 f"a multiple of num_attention_heads={self.num_heads}")
+
+    @property
+    def grid(self) -> int:
+        """Patches per side at the native image size (24 for CLIP-L/14-336)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class TextConfig:
+    """A LLaMA-style decoder: RMSNorm, rotate-half RoPE, SwiGLU, grouped-query attention."""
+
+    vocab_size: int = 32064
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int = 0  # 0: hidden_size // num_heads (filled in __post_init__)
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 4096
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            self.head_dim = self.hidden_size // self.num_heads
+        _require(self.num_heads % self.num_kv_heads == 0, "text_config.num_key_value_heads", self.num_kv_heads,
+                 f"a divisor of num_attention_heads={self.num_heads}")
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
+
+
+@dataclass
+class VLMConfig:
+    """A LLaVA-style VLM: vision encoder -> 2-layer MLP projector -> decoder."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    image_token_id: int = 32000
+    feature_layer: int | list[int] = -2
+    feature_strategy: str = "default"  # "default" drops the class token, "full" keeps it
+    projector_bias: bool = True
+    projector_act: str = "gelu"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vision, dict):
+            self.vision = VisionConfig(**self.vision)
+        if isinstance(self.text, dict):
+            self.text = TextConfig(**self.text)
+        _require(self.feature_strategy in ("default", "full"), "vision_feature_select_strategy",
+                 self.feature_strategy, "default or full")
+        _require(self.projector_act == "gelu", "projector_hidden_act", self.projector_act, "gelu")
+        for layer in self.feature_layers:
+            _require(-self.vision.num_layers - 1 <= layer <= self.vision.num_layers, "vision_feature_layer",
+                     layer, f"an index into the {self.vision.num_layers + 1} hidden states of the vision tower")
+
+    @property
+    def feature_layers(self) -> list[int]:
+        return [self.feature_layer] if isinstance(self.feature_layer, int) else list(self.feature_layer)
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Image tokens one native-size image contributes (576 for LLaVA-1.5)."""
+        return self.vision.grid**2 + (1 if self.feature_strategy == "full" else 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VLMConfig:
+        return cls(**d)
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> VLMConfig:
+        """Read a Hugging Face `LlavaConfig` dict (`config.json` of a llava-hf checkpoint)."""
+        _require(d.get("model_type") == "llava", "model_type", d.get("model_type"), "llava")
+        return cls(
+            vision=_vision_from_hf(d.get("vision_config") or {}),
+            text=_text_from_hf(d.get("text_config") or {}),
+            image_token_id=int(d.get("image_token_index", d.get("image_token_id", 32000))),
+            feature_layer=d.get("vision_feature_layer", -2),
+            feature_strategy=d.get("vision_feature_select_strategy", "default"),
+            projector_bias=bool(d.get("multimodal_projector_bias", True)),
+            projector_act=d.get("projector_hidden_act", "gelu"),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """The `config.json` transformers writes for this model (so HF tools can read our folders)."""
+        v, t = self.vision, self.text
+        return {
+            "architectures": ["LlavaForConditionalGeneration"],
+            "model_type": "llava",
+            "image_token_index": self.image_token_id,
+            "image_seq_length": self.tokens_per_image,
+            "projector_hidden_act": self.projector_act,
+            "multimodal_projector_bias": self.projector_bias,
+            "vision_feature_layer": self.feature_layer,
+            "vision_feature_select_strategy": self.feature_strategy,
+            "tie_word_embeddings": t.tie_word_embeddings,
+            "vision_config": {
+                "model_type": "clip_vision_model", "hidden_size": v.hidden_size,
+                "intermediate_size": v.intermediate_size, "num_hidden_layers": v.num_layers,
+                "num_attention_heads": v.num_heads, "image_size": v.image_size, "patch_size": v.patch_size,
+                "num_channels": v.num_channels, "layer_norm_eps": v.layer_norm_eps, "hidden_act": v.hidden_act,
+            },
+            "text_config": {
+                "model_type": "llama", "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
+                "intermediate_size": t.intermediate_size, "num_hidden_layers": t.num_layers,
+                "num_attention_heads": t.num_heads, "num_key_value_heads": t.num_kv_heads,
+                "head_dim": t.head_dim, "rope_theta": t.rope_theta, "rms_norm_eps": t.rms_norm_eps,
+                "max_position_embeddings": t.max_position_embeddings, "attention_bias": t.attention_bias,
+                "mlp_bias": t.mlp_bias, "tie_word_embeddings": t.tie_word_embeddings, "hidden_act": "silu",
+                "bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id, "pad_token_id": t.pad_token_id,
+            },
+        }
+
+
+def _require(ok: bool, name: str, value: object, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"unsupported config value {name}={value!r}: Loupe supports {expected}")
+
+
+def _vision_from_hf(v: dict[str, Any]) -> VisionConfig:
+    model_type = v.get("model_type", "clip_vision_model")
+    _require(model_type == "clip_vision_model", "vision_config.model_type", model_type, "clip_vision_model")
+    return VisionConfig(
+        hidden_size=v.get("hidden_size", 1024),
+        intermediate_size=v.get("intermediate_size", 4096),
+        num_layers=v.get("num_hidden_layers", 24),
+        num_heads=v.get("num_attention_heads", 16),
+        image_size=v.get("image_size", 336),
+        patch_size=v.get("patch_size", 14),
+        num_channels=v.get("num_channels", 3),
+        layer_norm_eps=v.get("layer_norm_eps", 1e-5),
+        hidden_act=v.get("hidden_act", "quick_gelu"),
+    )
+
+
+def _text_from_hf(t: dict[str, Any]) -> TextConfig:
+    model_type = t.get("model_type", "llama")
+    _require(model_type == "llama", "text_config.model_type", model_type, "llama")
+    _require(t.get("hidden_act", "silu") == "silu", "text_config.hidden_act", t.get("hidden_act"), "silu")
+    _require(t.get("pretraining_tp", 1) == 1, "text_config.pretraining_tp", t.get("pretraining_tp"), "1")
+    hidden, heads = t.get("hidden_size", 4096), t.get("num_attention_heads", 32)
+    return TextConfig(
+        vocab_size=t.get("vocab_size", 32064),
+        hidden_size=hidden,
+        intermediate_size=t.get("intermediate_size", 11008),
+        num_layers=t.get("num_hidden_layers", 32),
+        num_heads=heads,
+        num_kv_heads=t.get("num_key_value_heads") or heads,
+        head_dim=t.get("head_dim") or hidden // heads,
+        rope_theta=_rope_theta(t),
+        rms_norm_eps=t.get("rms_norm_eps", 1e-5),
+        max_position_embeddings=t.get("max_position_embeddings", 4096),
+        attention_bias=bool(t.get("attention_bias", False)),
+        mlp_bias=bool(t.get("mlp_bias", False)),
+        tie_word_embeddings=bool(t.get("tie_word_embeddings", False)),
+        bos_token_id=t.get("bos_token_id", 1),
+        eos_token_id=t.get("eos_token_id", 2),
+        pad_token_id=t.get("pad_token_id"),
+    )
+
+
+def _rope_theta(t: dict[str, Any]) -> float:
+    """rope_theta from either config generation: top-level (transformers 4) or `rope_parameters` (5)."""
+    params = t.get("rope_parameters") or {}
+    scaling = t.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    _require(rope_type == "default", "text_config.rope_type", rope_type, "default (unscaled) RoPE")
+    return float(params.get("rope_theta", t.get("rope_theta", 10000.0)))

@@ -1,0 +1,91 @@
+"""Autoregressive generation with a KV cache: greedy or sampled (temperature, top-p),
+stop tokens, max new tokens, left-padded batches, streaming through a callback.
+
+Shape legend: B batch, T prompt length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from loupe.errors import LoupeError
+from loupe.vlm import VLM
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    stop_tokens: list[int] = field(default_factory=list)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise LoupeError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
+        if self.temperature < 0:
+            raise LoupeError(f"temperature={self.temperature} must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise LoupeError(f"top_p={self.top_p} must be in (0, 1]")
+
+
+def next_token(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,)."""
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)  # (B, V)
+    if cfg.top_p < 1:
+        probs = top_p_filter(probs, cfg.top_p)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches top_p (always >= 1 token)."""
+    sorted_p, order = probs.sort(dim=-1, descending=True)  # (B, V)
+    before = sorted_p.cumsum(-1) - sorted_p  # mass strictly before each token
+    sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
+    kept = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return kept / kept.sum(-1, keepdim=True)
+
+
+@torch.inference_mode()
+def generate(
+    model: VLM,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    sampling: SamplingConfig | None = None,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """New tokens (B, <= max_new_tokens) after the prompt; rows that stopped are padded
+    with their stop token. `on_token` gets each step's tokens (B,) as they come."""
+    cfg = sampling or SamplingConfig()
+    b, t = input_ids.shape
+    limit = model.cfg.text.max_position_embeddings
+    if t + cfg.max_new_tokens > limit:
+        raise LoupeError(f"prompt of {t} tokens + {cfg.max_new_tokens} new tokens exceeds the model's "
+                         f"maximum of {limit} positions")
+    gen = torch.Generator(device=model.device).manual_seed(cfg.seed) if cfg.seed is not None else None
+    stops = torch.tensor(cfg.stop_tokens or [-1], device=model.device)
+    cache = model.new_cache(b, t + cfg.max_new_tokens)
+    input_ids = input_ids.to(model.device)
+    attention_mask = attention_mask.to(model.device) if attention_mask is not None else None
+    pixels = pixel_values.to(model.device, model.dtype) if pixel_values is not None else None
+
+    logits = model(input_ids, pixels, attention_mask, cache=cache, last_only=True).logits[:, -1]  # (B, V)
+    done = torch.zeros(b, dtype=torch.bool, device=model.device)
+    out: list[torch.Tensor] = []
+    for _ in range(cfg.max_new_tokens):
+        tok = next_token(logits, cfg, gen)  # (B,)
+        tok = torch.where(done, out[-1] if out else tok, tok)  # finished rows repeat their stop token
+        out.append(tok)
+        if on_token is not None:
+            on_token(tok)
+        done |= torch.isin(tok, stops)
+        if bool(done.all()) or len(out) == cfg.max_new_tokens:
+            break
+        logits = model(tok[:, None], cache=cache, last_only=True).logits[:, -1]  # (B, V)
+    return torch.stack(out, dim=1)

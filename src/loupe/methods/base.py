@@ -1,0 +1,125 @@
+"""The method interface: how image tokens reach the decoder.
+
+Shape legend: B batch, T new positions, I images, N image tokens per image, W text width.
+
+A method is a small `nn.Module` the VLM consults at two points, never an
+`if method == ...` ladder inside the model:
+
+1. `encode(vlm, pixel_values)` turns pixels into `ImageInputs`: the features spliced into
+   the token sequence at `<image>` positions (LR tokens for LLaVA, LR + HR for LLaVA-HD),
+   plus whatever else the method carries beside the sequence (FlexAttention's and
+   XAttn's high-resolution features, VISOR's visual stream).
+2. `run_layers(vlm, x, step)` runs the decoder layer loop. The default is the plain
+   loop; a method overrides it to give some layers extra keys/values (FlexAttention), a
+   cross-attention sublayer (XAttn), a second stream (VISOR) or fewer tokens (pruning).
+
+New weights a method adds live in the method module itself (`method.*` keys), so every
+pretrained key of the base checkpoint survives unchanged. Methods register by name with
+`@register`; `build_method` looks them up in that table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from loupe.config import VLMConfig
+from loupe.errors import ConfigError, LoupeError
+from loupe.nn.decoder import AttnContext
+from loupe.nn.kv_cache import DecoderCache
+
+if TYPE_CHECKING:
+    from loupe.vlm import VLM
+
+
+@dataclass
+class MethodConfig:
+    """Options of a method; subclasses add fields. Serialises to a flat dict with `name`."""
+
+    name: ClassVar[str] = "base"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **dataclasses.asdict(self)}
+
+    def validate(self, cfg: VLMConfig) -> None:
+        """Raise a ConfigError if these options do not fit the model `cfg`."""
+
+
+@dataclass
+class ImageInputs:
+    """What `Method.encode` produced for a batch of images."""
+
+    sequence: torch.Tensor  # (I, N, W) features spliced in at the <image> positions
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # beside the sequence
+
+
+@dataclass
+class Step:
+    """One forward call of the decoder, as the layer loop sees it."""
+
+    ctx: AttnContext  # rope, mask, kernel of the new rows
+    cache: DecoderCache | None  # None: no caching (training, scoring)
+    images: ImageInputs | None  # None on decode steps; the method memoises in cache.method_state
+    key_valid: torch.Tensor  # (B, Tk) False at padding, over cached + new positions
+    image_mask: torch.Tensor  # (B, T) True at <image> positions of the new rows
+    loss_rows: torch.Tensor | None = None  # (B, T) True at rows whose next token is scored (training)
+    info: dict[str, Any] = field(default_factory=dict)  # what the method reports (e.g. selection masks)
+
+
+class Method(nn.Module):
+    """Base class: LLaVA behaviour (spliced image tokens, plain layer loop)."""
+
+    name: ClassVar[str] = "base"
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(self, cfg: VLMConfig, options: MethodConfig) -> None:
+        super().__init__()
+        options.validate(cfg)
+        self.cfg, self.options = cfg, options
+
+    def tokens_per_image(self) -> int:
+        """How many <image> ids input_ids must carry for each image."""
+        return self.cfg.tokens_per_image
+
+    def encode(self, vlm: VLM, pixel_values: torch.Tensor) -> ImageInputs:
+        return ImageInputs(vlm.image_features(pixel_values))
+
+    def run_layers(self, vlm: VLM, x: torch.Tensor, step: Step) -> torch.Tensor:
+        for i, layer in enumerate(vlm.decoder.layers):
+            x = layer(x, step.ctx, step.cache.layers[i] if step.cache else None)
+        return x
+
+    def init_from_base(self, vlm: VLM) -> None:
+        """Initialise new weights from the base model's (called by `loupe convert`)."""
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def method_options(name: str, **options: Any) -> MethodConfig:
+    """The options dataclass of method `name`, filled from keyword arguments."""
+    cls = _method_class(name)
+    known = {f.name for f in dataclasses.fields(cls.config_class)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"method {name!r} has no option(s) {unknown}; it takes {sorted(known) or 'none'}")
+    return cls.config_class(**options)
+
+
+def build_method(cfg: VLMConfig, options: MethodConfig) -> Method:
+    return _method_class(options.name)(cfg, options)
+
+
+def _method_class(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise LoupeError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
+    return METHODS[name]

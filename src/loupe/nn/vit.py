@@ -1,0 +1,140 @@
+"""CLIP vision transformer and the LLaVA projector.
+
+Shape legend: B images, C channels, P patches per side, N = P*P patch tokens,
+E vision width, W text width, H heads, D head dim.
+
+Module names follow the Hugging Face CLIP checkpoint. Only the layers up to the deepest
+requested feature layer run: LLaVA-1.5 reads layer -2, so the last layer is skipped.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loupe.config import VisionConfig, VLMConfig
+from loupe.nn.attention import Kernel, attend
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
+
+
+def resample_position_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
+    """Bicubic resampling of ViT position embeddings to a new patch grid.
+
+    pos: (1 + P*P, E) with the class position first; returns (1 + grid*grid, E).
+    Same arithmetic as transformers' `interpolate_pos_encoding` (bicubic, no corner
+    alignment), so interpolated encodings match it.
+    """
+    old = int((pos.shape[0] - 1) ** 0.5)
+    if old == grid:
+        return pos
+    cls_pos, patch_pos = pos[:1], pos[1:]
+    patch_pos = patch_pos.reshape(1, old, old, -1).permute(0, 3, 1, 2)  # (1, E, P, P)
+    patch_pos = F.interpolate(patch_pos.float(), size=(grid, grid), mode="bicubic", align_corners=False)
+    patch_pos = patch_pos.to(pos.dtype).permute(0, 2, 3, 1).reshape(grid * grid, -1)  # (grid*grid, E)
+    return torch.cat([cls_pos, patch_pos], dim=0)
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        self.class_embedding = nn.Parameter(torch.zeros(cfg.hidden_size))
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size,
+                                         bias=False)
+        self.position_embedding = nn.Embedding(cfg.grid**2 + 1, cfg.hidden_size)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = pixels.shape
+        patches = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # (B, E, P, P)
+        patches = patches.flatten(2).transpose(1, 2)  # (B, N, E)
+        cls = self.class_embedding.expand(b, 1, -1)  # (B, 1, E)
+        pos = resample_position_embedding(self.position_embedding.weight, h // self.patch_size)  # (1+N, E)
+        return torch.cat([cls, patches], dim=1) + pos  # (B, 1+N, E)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        e = cfg.hidden_size
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(e, e), nn.Linear(e, e), nn.Linear(e, e)
+        self.out_proj = nn.Linear(e, e)
+
+    def forward(self, x: torch.Tensor, kernel: Kernel) -> torch.Tensor:
+        b, n, _ = x.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, 1+N, D)
+
+        out, _ = attend(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)), kernel=kernel)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))  # (B, 1+N, E)
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionLayer(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = VisionAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = VisionMLP(cfg)
+
+    def forward(self, x: torch.Tensor, kernel: Kernel) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), kernel)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class VisionTower(nn.Module):
+    """CLIP ViT returning the hidden states LLaVA reads (before post-layernorm)."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = VisionEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layers = nn.ModuleList(VisionLayer(cfg) for _ in range(cfg.num_layers))
+
+    def forward(self, pixels: torch.Tensor, feature_layers: list[int], kernel: Kernel = "sdpa") -> torch.Tensor:
+        """pixels (B, C, S, S) with S a multiple of the patch size -> (B, 1+N, E * len(feature_layers)).
+
+        Hidden state i is the input of layer i (0 = embeddings after pre-layernorm), as in
+        transformers' `hidden_states`; negative indices count from the last layer's output.
+        """
+        count = self.cfg.num_layers + 1
+        wanted = [i % count for i in feature_layers]
+        x = self.pre_layrnorm(self.embeddings(pixels))  # (B, 1+N, E)
+        states = {0: x}
+        for i, layer in enumerate(self.layers[: max(wanted)], start=1):
+            x = layer(x, kernel)
+            states[i] = x
+        return torch.cat([states[i] for i in wanted], dim=-1)
+
+
+class Projector(nn.Module):
+    """LLaVA's 2-layer MLP: vision features -> text embedding space."""
+
+    def __init__(self, cfg: VLMConfig) -> None:
+        super().__init__()
+        in_dim = cfg.vision.hidden_size * len(cfg.feature_layers)
+        self.linear_1 = nn.Linear(in_dim, cfg.text.hidden_size, bias=cfg.projector_bias)
+        self.linear_2 = nn.Linear(cfg.text.hidden_size, cfg.text.hidden_size, bias=cfg.projector_bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.gelu(self.linear_1(features)))  # (B, N, W)

@@ -1,0 +1,78 @@
+"""Tokenizer (a checkpoint's `tokenizer.json` through `tokenizers`), the LLaVA-1.5
+conversation template, and expansion of `<image>` into image-token ids."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+
+from loupe.errors import LoupeError
+
+IMAGE_PLACEHOLDER = "<image>"
+LLAVA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+
+
+def llava_prompt(question: str, system: str | None = LLAVA_SYSTEM, image: bool = True) -> str:
+    """LLaVA-1.5 (vicuna_v1) single-turn prompt: `<system> USER: <image>\\n{q} ASSISTANT:`."""
+    head = f"{system} " if system else ""
+    body = f"{IMAGE_PLACEHOLDER}\n{question}" if image and IMAGE_PLACEHOLDER not in question else question
+    return f"{head}USER: {body} ASSISTANT:"
+
+
+@dataclass
+class Tokenizer:
+    """`tokenizers.Tokenizer` plus what a VLM prompt needs."""
+
+    inner: HFTokenizer
+    image_token_id: int
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike[str], image_token_id: int) -> Tokenizer:
+        path = Path(folder) / "tokenizer.json"
+        if not path.is_file():
+            raise LoupeError(f"no tokenizer.json in {folder}")
+        inner = HFTokenizer.from_file(str(path))
+        found = inner.token_to_id(IMAGE_PLACEHOLDER)
+        if found != image_token_id:
+            raise LoupeError(f"tokenizer {path} maps {IMAGE_PLACEHOLDER!r} to {found}, but the model's "
+                             f"image_token_index is {image_token_id}")
+        bos, eos = inner.token_to_id("<s>"), inner.token_to_id("</s>")
+        pad = inner.token_to_id("<pad>")
+        return cls(inner, image_token_id, bos, eos, pad if pad is not None else (eos or 0))
+
+    def encode(self, text: str, tokens_per_image: int = 1, add_bos: bool = True) -> list[int]:
+        """Token ids of `text`, each `<image>` expanded to `tokens_per_image` image ids.
+
+        `<image>` is an added token, so it is split out before the model's pre-tokenizer
+        runs and expanding ids afterwards equals tokenising the expanded string.
+        """
+        ids = self.inner.encode(text, add_special_tokens=False).ids
+        if add_bos and self.bos_id is not None:
+            ids = [self.bos_id, *ids]
+        out: list[int] = []
+        for i in ids:
+            out.extend([i] * tokens_per_image if i == self.image_token_id else [i])
+        return out
+
+    def decode(self, ids: list[int]) -> str:
+        return self.inner.decode([i for i in ids if i != self.image_token_id], skip_special_tokens=True)
+
+    def pad_left(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-pad to a batch: input_ids (B, T) and attention_mask (B, T)."""
+        if not sequences or any(len(s) == 0 for s in sequences):
+            raise LoupeError("cannot batch an empty prompt")
+        t = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), t), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), t), dtype=torch.long)
+        for row, s in enumerate(sequences):
+            ids[row, t - len(s):] = torch.tensor(s)
+            mask[row, t - len(s):] = 1
+        return ids, mask
