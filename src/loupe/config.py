@@ -218,7 +218,8 @@ def _text_from_hf(t: dict[str, Any]) -> TextConfig:
 def _rope_theta(t: dict[str, Any]) -> float:
     """rope_theta from either config generation: top-level (transformers 4) or `rope_parameters` (5)."""
     params = t.get("rope_parameters") or {}
-    scaling = t.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    _require(rope_type == "default", "text_config.rope_type", rope_type, "default (unscaled) RoPE")
+    scaling = t.get("rope_scaling") or {}  # transformers 4 configs
+    for source in (params, scaling):
+        rope_type = source.get("rope_type") or source.get("type") or "default"
+        _require(rope_type == "default", "text_config.rope_type", rope_type, "default (unscaled) RoPE")
     return float(params.get("rope_theta", t.get("rope_theta", 10000.0)))
