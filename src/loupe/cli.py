@@ -102,9 +102,10 @@ def stream_printer(tok: Tokenizer) -> Callable[[torch.Tensor], None]:
 
 def run_generation(model: VLM, tok: Tokenizer, image_path: str, prompt: str, sampling: SamplingConfig) -> str:
     image = load_image(image_path)
-    pixels = ImageProcessor(size=model.cfg.vision.image_size).batch([image])
+    pixels = ImageProcessor(size=model.method.image_size()).batch([image])
     ids, mask = tok.pad_left([tok.encode(llava_prompt(prompt), model.method.tokens_per_image())])
-    out = generate(model, ids, pixels, mask, sampling, on_token=stream_printer(tok))
+    sizes = torch.tensor([[image.height, image.width]])
+    out = generate(model, ids, pixels, mask, sampling, on_token=stream_printer(tok), image_sizes=sizes)
     print()
     return tok.decode(out[0].tolist())
 

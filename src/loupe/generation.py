@@ -59,6 +59,7 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     sampling: SamplingConfig | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
+    image_sizes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """New tokens (B, <= max_new_tokens) after the prompt; rows that stopped are padded
     with their stop token. `on_token` gets each step's tokens (B,) as they come."""
@@ -75,7 +76,8 @@ def generate(
     attention_mask = attention_mask.to(model.device) if attention_mask is not None else None
     pixels = pixel_values.to(model.device, model.dtype) if pixel_values is not None else None
 
-    logits = model(input_ids, pixels, attention_mask, cache=cache, last_only=True).logits[:, -1]  # (B, V)
+    logits = model(input_ids, pixels, attention_mask, cache=cache, last_only=True,
+                   image_sizes=image_sizes).logits[:, -1]  # (B, V)
     done = torch.zeros(b, dtype=torch.bool, device=model.device)
     out: list[torch.Tensor] = []
     for _ in range(cfg.max_new_tokens):

@@ -81,6 +81,8 @@ class VLM(nn.Module):
         cache: DecoderCache | None = None,
         last_only: bool = False,
         loss_rows: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        images: ImageInputs | None = None,
     ) -> VLMOutput:
         """Logits for `input_ids` (B, T); Hugging Face-style arguments.
 
@@ -88,12 +90,15 @@ class VLM(nn.Module):
         at left padding. With `cache`, the call continues the cached request (prefill if
         it is empty, decode otherwise). `last_only` computes logits for the last row only.
         `loss_rows` (B, T) marks the rows whose next token is scored (methods such as
-        FlexAttention treat them specially in training).
+        FlexAttention treat them specially in training). `image_sizes` (I, 2) are the
+        original (height, width) of each image. `images` passes features already encoded
+        by `model.method.encode` (e.g. cached HR features in training) instead of pixels.
         """
         self._check_ids(input_ids)
         b, t = input_ids.shape
         new_valid = self._new_valid(attention_mask, b, t)  # (B, T)
-        images = self.method.encode(self, pixel_values) if pixel_values is not None else None
+        if images is None and pixel_values is not None:
+            images = self.method.encode(self, pixel_values.to(self.dtype), image_sizes)
         image_mask = input_ids == self.cfg.image_token_id  # (B, T)
         x = self._embed(input_ids, image_mask, images)  # (B, T, W)
 

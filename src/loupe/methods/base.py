@@ -85,7 +85,13 @@ class Method(nn.Module):
         """How many <image> ids input_ids must carry for each image."""
         return self.cfg.tokens_per_image
 
-    def encode(self, vlm: VLM, pixel_values: torch.Tensor) -> ImageInputs:
+    def image_size(self) -> int:
+        """Side in pixels of the images this method takes (the HR size for HR methods)."""
+        return self.cfg.vision.image_size
+
+    def encode(self, vlm: VLM, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> ImageInputs:
+        """Pixels (I, 3, S, S) -> ImageInputs. image_sizes (I, 2): original (height, width)
+        before square padding, for methods that care where the padding is."""
         return ImageInputs(vlm.image_features(pixel_values))
 
     def run_layers(self, vlm: VLM, x: torch.Tensor, step: Step) -> torch.Tensor:

@@ -103,8 +103,10 @@ class DecoderLayer(nn.Module):
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx, cache)
-        return self.feed_forward(x)
+        return self.feed_forward(self.attention_residual(x, ctx, cache))
+
+    def attention_residual(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache | None = None) -> torch.Tensor:
+        return x + self.self_attn(self.input_layernorm(x), ctx, cache)
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.mlp(self.post_attention_layernorm(x))

@@ -1,0 +1,63 @@
+"""`hd` (LLaVA-HD): high-resolution tokens as ordinary sequence tokens.
+
+Each image contributes its N LR tokens followed by all its HR tokens; every decoder layer
+attends to all of them. HR tokens come from one encoder pass at `hr_size` with resampled
+position embeddings (the paper's setting: 448 -> 32 x 32 = 1024 tokens) or, with
+`tiles=True`, from native-size tiles stitched into one grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from loupe.config import VLMConfig
+from loupe.methods.base import ImageInputs, Method, MethodConfig, register
+from loupe.methods.highres import check_hr_size, encode_interpolated, encode_tiled, low_res
+
+if TYPE_CHECKING:
+    from loupe.vlm import VLM
+
+
+@dataclass
+class HDConfig(MethodConfig):
+    name: ClassVar[str] = "hd"
+    hr_size: int = 0  # 0: 4/3 of the native size rounded to the patch (448 for 336)
+    tiles: bool = False
+
+    def resolved_hr_size(self, cfg: VLMConfig) -> int:
+        if self.hr_size:
+            return self.hr_size
+        patch = cfg.vision.patch_size
+        return round(cfg.vision.image_size * 4 / 3 / patch) * patch
+
+    def validate(self, cfg: VLMConfig) -> None:
+        check_hr_size(cfg, self.resolved_hr_size(cfg), tiled=self.tiles)
+
+
+@register
+class HD(Method):
+    name = "hd"
+    config_class = HDConfig
+    options: HDConfig
+
+    def __init__(self, cfg: VLMConfig, options: HDConfig) -> None:
+        super().__init__(cfg, options)
+        self.hr_size = options.resolved_hr_size(cfg)
+
+    def image_size(self) -> int:
+        return self.hr_size
+
+    def hr_tokens(self) -> int:
+        grid = self.hr_size // self.cfg.vision.patch_size
+        return grid * grid + (1 if self.cfg.feature_strategy == "full" and not self.options.tiles else 0)
+
+    def tokens_per_image(self) -> int:
+        return self.cfg.tokens_per_image + self.hr_tokens()
+
+    def encode(self, vlm: VLM, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> ImageInputs:
+        lr = vlm.image_features(low_res(pixel_values, self.cfg.vision.image_size))  # (I, N, W)
+        hr = (encode_tiled if self.options.tiles else encode_interpolated)(vlm, pixel_values)  # (I, M, W)
+        return ImageInputs(torch.cat([lr, hr], dim=1))  # (I, N + M, W)

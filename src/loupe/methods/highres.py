@@ -1,0 +1,72 @@
+"""Dual-resolution image encoding shared by the high-resolution methods.
+
+Shape legend: I images, S HR side in pixels, s native side, k = S / s tiles per side,
+g native patch grid (24), N = g*g LR tokens, M = (k*g)^2 HR tokens, W text width.
+
+The input image is the HR one (padded to square, resized to S, normalised). The LR image
+is that HR image resized to the native size (bilinear, antialias), encoded exactly as
+LLaVA does. HR: k x k tiles of the native size through the SAME encoder and projector,
+stitched back into one (k*g) x (k*g) grid, without gradient (the encoder is frozen).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from loupe.config import VLMConfig
+from loupe.errors import ConfigError
+
+if TYPE_CHECKING:
+    from loupe.vlm import VLM
+
+
+def check_hr_size(cfg: VLMConfig, hr_size: int, *, tiled: bool) -> None:
+    native, patch = cfg.vision.image_size, cfg.vision.patch_size
+    if tiled and (hr_size < native or hr_size % native):
+        raise ConfigError(f"hr_size={hr_size} must be a multiple of the encoder's native size {native} "
+                          f"(e.g. {2 * native}, {3 * native}, {4 * native})")
+    if hr_size % patch:
+        raise ConfigError(f"hr_size={hr_size} must be a multiple of the patch size {patch}")
+    if tiled and cfg.feature_strategy != "default":
+        raise ConfigError("tiled high-resolution encoding needs vision_feature_select_strategy='default' "
+                          f"(patch tokens only), not {cfg.feature_strategy!r}")
+
+
+def low_res(pixels: torch.Tensor, native: int) -> torch.Tensor:
+    """(I, 3, S, S) -> (I, 3, s, s), bilinear with antialias."""
+    if pixels.shape[-1] == native:
+        return pixels
+    return F.interpolate(pixels.float(), size=(native, native), mode="bilinear", antialias=True,
+                         align_corners=False).to(pixels.dtype)
+
+
+def tiles(pixels: torch.Tensor, native: int) -> torch.Tensor:
+    """(I, 3, S, S) -> (I*k*k, 3, s, s), tiles in row-major order."""
+    i, c, s, _ = pixels.shape
+    k = s // native
+    t = pixels.view(i, c, k, native, k, native).permute(0, 2, 4, 1, 3, 5)  # (I, k, k, 3, s, s)
+    return t.reshape(i * k * k, c, native, native)
+
+
+def stitch(features: torch.Tensor, images: int, k: int, g: int) -> torch.Tensor:
+    """(I*k*k, g*g, W) tile features -> (I, (k*g)^2, W) one row-major HR grid."""
+    w = features.shape[-1]
+    f = features.view(images, k, k, g, g, w).permute(0, 1, 3, 2, 4, 5)  # (I, k, g, k, g, W)
+    return f.reshape(images, k * g * k * g, w)
+
+
+@torch.no_grad()
+def encode_tiled(vlm: VLM, pixels: torch.Tensor) -> torch.Tensor:
+    """HR features (I, M, W) from HR pixels (I, 3, S, S), S a multiple of the native size."""
+    native, g = vlm.cfg.vision.image_size, vlm.cfg.vision.grid
+    feats = vlm.image_features(tiles(pixels, native))  # (I*k*k, N, W)
+    return stitch(feats, pixels.shape[0], pixels.shape[-1] // native, g)
+
+
+@torch.no_grad()
+def encode_interpolated(vlm: VLM, pixels: torch.Tensor) -> torch.Tensor:
+    """HR features (I, (S/patch)^2, W) in one pass with resampled position embeddings."""
+    return vlm.image_features(pixels)

@@ -1,0 +1,225 @@
+"""FlexAttention, LLaVA-HD and LLaVA-XAttn against independent references."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import pixels, prompt_ids
+
+import loupe
+from loupe.generation import SamplingConfig, generate
+from loupe.methods import ImageInputs
+from loupe.methods import selection as S
+from loupe.methods.highres import encode_tiled, low_res
+from loupe.nn.rope import Rope, rotate_half
+
+HR = 168  # 3 x 56 -> 12 x 12 = 144 HR tokens per image
+FLEX = dict(pool=4, first_layer=2)
+
+
+@pytest.fixture(scope="module")
+def base_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from conftest import save_hf_llava
+    path = tmp_path_factory.mktemp("m") / "base"
+    save_hf_llava(path, text_num_hidden_layers=4, text_num_key_value_heads=2)
+    return path
+
+
+def flex(base_path: Path, **opts) -> loupe.VLM:
+    model = loupe.from_pretrained(base_path, "flexattn", dtype=torch.float32, **{**FLEX, **opts})
+    with torch.no_grad():  # make W'_K, W'_V differ from W_K, W_V so HR keys matter on their own
+        for p in model.method.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+# ---- an independent FlexAttention reference (batch 1, eager, no cache, no memo) -------------
+def reference_flex(model: loupe.VLM, ids: torch.Tensor, px: torch.Tensor) -> torch.Tensor:
+    """Last-row logits, written from DESIGN.md section 2 without the method's code."""
+    cfg, dec, method = model.cfg, model.decoder, model.method
+    n, g, hr_grid = cfg.tokens_per_image, cfg.vision.grid, HR // cfg.vision.patch_size
+    lr = model.image_features(low_res(px, cfg.vision.image_size))
+    z = encode_tiled(model, px)[0]  # (M, W)
+    image = ids[0] == cfg.image_token_id
+    x = dec.embed_tokens(ids.masked_fill(ids == cfg.image_token_id, 0))
+    x[0, image] = lr[0]
+    t = ids.shape[1]
+    pos = torch.arange(t)[None]
+    rope = Rope.at(pos, cfg.text.head_dim, cfg.text.rope_theta, x.dtype)
+    cols = torch.nonzero(image)[:, 0]
+    lr_cos = rope.cos[0, cols].T.reshape(1, -1, g, g)
+    lr_sin = rope.sin[0, cols].T.reshape(1, -1, g, g)
+    hr_cos = F.interpolate(lr_cos, size=(hr_grid, hr_grid), mode="bicubic", align_corners=False)
+    hr_sin = F.interpolate(lr_sin, size=(hr_grid, hr_grid), mode="bicubic", align_corners=False)
+    hr_cos, hr_sin = hr_cos[0].flatten(1).T, hr_sin[0].flatten(1).T  # (M, D)
+    causal = torch.ones(t, t).tril().bool()
+    sel = None
+    for i, layer in enumerate(dec.layers):
+        a = layer.self_attn
+        h = layer.input_layernorm(x)
+        q, k, v = a.qkv(h, rope)
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)  # full map, no HR
+        out = probs @ v
+        if i >= method.first:
+            keep = torch.nonzero(sel)[:, 0]  # selected HR tokens of the last row
+            zs = z[keep]
+            kh = method.layers[str(i)].k_proj(zs).view(len(keep), -1, a.head_dim).transpose(0, 1)
+            vh = method.layers[str(i)].v_proj(zs).view(len(keep), -1, a.head_dim).transpose(0, 1)
+            kh = kh * hr_cos[keep] + rotate_half(kh) * hr_sin[keep]
+            kh, vh = kh.repeat_interleave(groups, 0)[None], vh.repeat_interleave(groups, 0)[None]
+            k_all, v_all = torch.cat([k, kh], 2), torch.cat([v, vh], 2)
+            s_last = (q[:, :, -1:] @ k_all.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+            out[:, :, -1:] = s_last.softmax(-1) @ v_all
+        x = x + a.o_proj(a.merge(out))
+        x = layer.feed_forward(x)
+        if i >= method.first - 1:
+            attn = probs[0, :, -1, cols].sum(0).view(1, g, g)
+            sel = S.select(attn, torch.ones(1, g, g, dtype=torch.bool), hr_grid=hr_grid, pool=4, threshold=48.0,
+                           strategy="attnmap", budget=None, ablation_ratio=0.1)[0]
+    return dec.logits(x)[:, -1]
+
+
+def test_hierarchical_attention_equals_independent_reference(base_path: Path) -> None:
+    model = flex(base_path)
+    ids, px = prompt_ids(10, 16, seed=1), pixels(1, seed=1, size=HR)
+    with torch.no_grad():
+        out = model(ids, px)
+        expected = reference_flex(model, ids, px)
+    fractions = out.info["selected_fraction"]
+    assert set(fractions) == {2, 3} and all(0 < float(f) < 1 for f in fractions.values())
+    torch.testing.assert_close(out.logits[:, -1], expected, rtol=1e-4, atol=1e-5)
+    lowres = loupe.from_pretrained(base_path, dtype=torch.float32)
+    with torch.no_grad():
+        plain = lowres(ids, low_res(px, 56)).logits[:, -1]
+    assert (plain - expected).abs().max() > 1e-3  # HR really changed the answer row
+    torch.testing.assert_close(out.logits[:, :-1], lowres(ids, low_res(px, 56)).logits[:, :-1].detach(),
+                               rtol=1e-4, atol=1e-5)  # prompt rows never see HR
+
+
+def test_sdpa_equals_eager(base_path: Path) -> None:
+    model = flex(base_path)
+    ids, px = prompt_ids(10, 16, seed=2), pixels(1, seed=2, size=HR)
+    with torch.no_grad():
+        fused = model(ids, px).logits
+        eager = model.set_kernel("eager")(ids, px).logits
+    torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_batched_equals_per_sample(base_path: Path) -> None:
+    model = flex(base_path)
+    a, b = prompt_ids(4, 16, seed=3, image_at=1), prompt_ids(11, 16, seed=4)
+    pad = b.shape[1] - a.shape[1]
+    ids = torch.cat([torch.cat([torch.zeros(1, pad, dtype=torch.long), a], 1), b])
+    mask = torch.ones_like(ids)
+    mask[0, :pad] = 0
+    px = pixels(2, seed=5, size=HR)
+    with torch.no_grad():
+        both = model(ids, px, mask)
+        one, two = model(a, px[:1]), model(b, px[1:])
+    sel = both.info["selection"][3]
+    assert not torch.equal(sel[0], sel[1])  # different images, different selections
+    torch.testing.assert_close(both.logits[0, pad:], one.logits[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(both.logits[1], two.logits[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(both.info["selection"][3][0], one.info["selection"][3][0])
+
+
+def test_memoised_generation_equals_reprojecting(base_path: Path) -> None:
+    memo, again = flex(base_path), flex(base_path, memoise=False)
+    again.load_state_dict(memo.state_dict())
+    ids, px = prompt_ids(6, 16, seed=6), pixels(1, seed=6, size=HR)
+    cfg = SamplingConfig(max_new_tokens=12)
+    fast, slow = generate(memo, ids, px, sampling=cfg), generate(again, ids, px, sampling=cfg)
+    assert fast.tolist() == slow.tolist()
+    # logits of each step agree too, and memoisation projects fewer HR tokens
+    with torch.no_grad():
+        caches = [m.new_cache(1, ids.shape[1] + 6) for m in (memo, again)]
+        outs = [m(ids, px, cache=c).logits[:, -1] for m, c in zip((memo, again), caches)]
+        for tok in fast[0, :5]:
+            step = [m(tok.view(1, 1), cache=c).logits[:, -1] for m, c in zip((memo, again), caches)]
+            torch.testing.assert_close(step[0], step[1], rtol=1e-4, atol=1e-5)
+            outs = step
+    projected = [c.method_state["flexattn"].projected for c in caches]
+    assert projected[0] < projected[1]
+    assert projected[0] <= 2 * 144  # each HR token at most once per FlexAttention layer
+
+
+def test_training_rows_see_hr_and_gradients_reach_new_weights_only(base_path: Path) -> None:
+    model = flex(base_path).train()
+    model.vision_tower.requires_grad_(False)
+    ids, px = prompt_ids(10, 16, seed=7), pixels(1, seed=7, size=HR)
+    rows = torch.zeros_like(ids, dtype=torch.bool)
+    rows[0, -4:] = True
+    out = model(ids, px, loss_rows=rows)
+    assert out.info["selection"][3].shape == (1, 4, 144)
+    out.logits[0, -4:].logsumexp(-1).sum().backward()
+    for proj in model.method.layers.values():
+        assert proj.k_proj.weight.grad.abs().sum() > 0 and proj.v_proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.vision_tower.parameters())
+
+
+def test_hd_equals_base_on_the_concatenated_sequence(base_path: Path) -> None:
+    hd = loupe.from_pretrained(base_path, "hd", dtype=torch.float32, hr_size=84)  # 6 x 6 = 36 HR tokens
+    base = loupe.from_pretrained(base_path, dtype=torch.float32)
+    assert hd.method.tokens_per_image() == 16 + 36
+    ids, px = prompt_ids(7, 52, seed=8), pixels(1, seed=8, size=84)
+    with torch.no_grad():
+        lr = base.image_features(low_res(px, 56))
+        hr = base.image_features(px)  # one pass, interpolated position embeddings
+        expected = base(ids, images=ImageInputs(torch.cat([lr, hr], 1))).logits
+        got = hd(ids, px).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    tiled = loupe.from_pretrained(base_path, "hd", dtype=torch.float32, hr_size=112, tiles=True)
+    assert tiled.method.tokens_per_image() == 16 + 64
+
+
+def test_xattn_zero_gate_equals_base_and_gradients_flow(base_path: Path) -> None:
+    xattn = loupe.from_pretrained(base_path, "xattn", dtype=torch.float32)
+    base = loupe.from_pretrained(base_path, dtype=torch.float32)
+    ids, px = prompt_ids(7, 16, seed=9), pixels(1, seed=9, size=HR)
+    with torch.no_grad():
+        torch.testing.assert_close(xattn(ids, px).logits, base(ids, low_res(px, 56)).logits, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        for c in xattn.method.cross:
+            c.gate.fill_(0.5)
+    xattn.vision_tower.requires_grad_(False)
+    out = xattn(ids, px).logits
+    assert (out - base(ids, low_res(px, 56)).logits).abs().max() > 1e-3
+    out[0, -1].logsumexp(-1).backward()
+    for c in xattn.method.cross:
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in c.parameters())
+    assert all(p.grad is None for p in xattn.vision_tower.parameters())
+
+
+def test_xattn_cached_generation_equals_recomputation(base_path: Path) -> None:
+    model = loupe.from_pretrained(base_path, "xattn", dtype=torch.float32)
+    with torch.no_grad():
+        for c in model.method.cross:
+            c.gate.fill_(0.7)
+    ids, px = prompt_ids(6, 16, seed=10), pixels(1, seed=10, size=HR)
+    new = generate(model, ids, px, sampling=SamplingConfig(max_new_tokens=6))
+    with torch.no_grad():
+        full = model(torch.cat([ids, new[:, :-1]], 1), px).logits[:, ids.shape[1] - 1:].argmax(-1)
+    assert full.tolist() == new.tolist()
+
+
+@pytest.mark.parametrize(("method", "opts", "match"), [
+    ("flexattn", dict(hr_size=100), "hr_size=100 must be a multiple of the encoder's native size 56"),
+    ("flexattn", dict(first_layer=4), r"first_layer=4 is out of range: it must be in 1..3"),
+    ("flexattn", dict(threshold=300.0), r"threshold=300.0 must be in 0..255"),
+    ("flexattn", dict(budget=0.0), r"budget=0.0 must be in \(0, 1\]"),
+    ("flexattn", dict(budget=1.5), r"budget=1.5 must be in \(0, 1\]"),
+    ("flexattn", dict(strategy="best"), "strategy='best'"),
+    ("xattn", dict(hr_size=60), "hr_size=60 must be a multiple"),
+    ("hd", dict(hr_size=90), "hr_size=90 must be a multiple of the patch size 14"),
+])
+def test_bad_method_options(base_path: Path, method: str, opts: dict, match: str) -> None:
+    full = {**FLEX, **opts} if method == "flexattn" else opts  # pool=4 fits the tiny 4x4 grid
+    with pytest.raises(loupe.ConfigError, match=match):
+        loupe.from_pretrained(base_path, method, **full)
