@@ -22,7 +22,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -166,18 +166,27 @@ def from_pretrained(
     files = safetensors_files(folder)
     cfg, stored_method = read_config(folder)
     wanted = _wanted_method(method, stored_method, options)
+    named = ((hf_to_loupe(key), tensor) for key, tensor in iter_tensors(files, device))
+    new_method = stored_method is None or wanted.name != stored_method.name
+    return assemble(cfg, wanted, named, dtype=dtype, device=device, source=str(folder), new_method=new_method)
 
+
+def assemble(cfg: VLMConfig, method: MethodConfig, named: Iterable[tuple[str | None, torch.Tensor]], *,
+             dtype: torch.dtype | None, device: torch.device, source: str, new_method: bool) -> VLM:
+    """Build the model on meta and assign (Loupe name, tensor) pairs at the target dtype.
+    Names None are skipped; `new_method` lets the method's own weights be absent (they
+    are then initialised from the base model)."""
     with torch.device("meta"):
-        model = VLM(cfg, wanted)
-    state, target_dtype = {}, None
-    for key, tensor in iter_tensors(files, device):
-        name = hf_to_loupe(key)
+        model = VLM(cfg, method)
+    state: dict[str, torch.Tensor] = {}
+    target_dtype = None
+    for name, tensor in named:
         if name is None:
             continue
         if target_dtype is None and tensor.is_floating_point():
             target_dtype = resolve_dtype(tensor.dtype, dtype, device)
         state[name] = tensor.to(target_dtype) if tensor.is_floating_point() else tensor
-    _check_keys(model, state, folder, new_method=stored_method is None or wanted.name != stored_method.name)
+    _check_keys(model, state, source, new_method=new_method)
     model.load_state_dict(state, strict=False, assign=True)
     _materialise_new(model, device, target_dtype or torch.float32)
     return model.eval()
@@ -190,7 +199,7 @@ def _wanted_method(method: str | None, stored: MethodConfig | None, options: dic
     return method_options(name, **options)
 
 
-def _check_keys(model: VLM, state: dict[str, torch.Tensor], folder: Path, new_method: bool) -> None:
+def _check_keys(model: VLM, state: dict[str, torch.Tensor], folder: str, new_method: bool) -> None:
     expected = set(model.state_dict().keys())
     if model.cfg.text.tie_word_embeddings:
         expected.discard("decoder.lm_head.weight")

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loupe", description="High-resolution VLMs that look closely only "
                                      "where it matters (FlexAttention, VISOR and baselines).")
     sub = parser.add_subparsers(title="commands")
-    for add in (_add_generate, _add_info, _add_demo):
+    for add in (_add_generate, _add_info, _add_convert, _add_demo):
         add(sub)
     return parser
 
@@ -70,6 +70,53 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     _model_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=cmd_info)
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="turn a LLaVA checkpoint into a Loupe checkpoint of a method")
+    p.add_argument("src", help="LLaVA checkpoint folder (HF layout), or the FlexAttention release's LLM folder")
+    p.add_argument("dst", help="output folder (written atomically)")
+    p.add_argument("--method", required=True, choices=sorted(METHODS))
+    p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option, e.g. -o hr_size=1008 -o threshold=48 (repeatable)")
+    p.add_argument("--clip", default=None, help="CLIP folder: SRC is in the released FlexAttention layout")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=cmd_convert)
+
+
+def parse_options(pairs: list[str]) -> dict[str, object]:
+    """`KEY=VALUE` strings -> options, values read as JSON where they parse (numbers, true, null)."""
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise LoupeError(f"option {pair!r} is not KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from loupe.checkpoints import save_pretrained
+    from loupe.release import from_flexattention_release
+
+    options = parse_options(args.option)
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    if args.clip:
+        if args.method != "flexattn":
+            raise LoupeError(f"--clip reads the FlexAttention release, which is a flexattn model, not {args.method!r}")
+        model = from_flexattention_release(args.src, args.clip, dtype=dtype, **options)
+    else:
+        model = from_pretrained(args.src, args.method, dtype=dtype, **options)
+    save_pretrained(model, args.dst, overwrite=args.overwrite)
+    tokenizer = Path(args.src) / "tokenizer.json"
+    if tokenizer.is_file():
+        (Path(args.dst) / "tokenizer.json").write_bytes(tokenizer.read_bytes())
+    print(f"wrote {args.method} checkpoint to {args.dst} ({model.method.options.to_dict()})")
+    return 0
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
