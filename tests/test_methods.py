@@ -41,7 +41,7 @@ def flex(base_path: Path, **opts) -> loupe.VLM:
 def reference_flex(model: loupe.VLM, ids: torch.Tensor, px: torch.Tensor) -> torch.Tensor:
     """Last-row logits, written from DESIGN.md section 2 without the method's code."""
     cfg, dec, method = model.cfg, model.decoder, model.method
-    n, g, hr_grid = cfg.tokens_per_image, cfg.vision.grid, HR // cfg.vision.patch_size
+    g, hr_grid = cfg.vision.grid, HR // cfg.vision.patch_size
     lr = model.image_features(low_res(px, cfg.vision.image_size))
     z = encode_tiled(model, px)[0]  # (M, W)
     image = ids[0] == cfg.image_token_id
@@ -140,11 +140,11 @@ def test_memoised_generation_equals_reprojecting(base_path: Path) -> None:
     # logits of each step agree too, and memoisation projects fewer HR tokens
     with torch.no_grad():
         caches = [m.new_cache(1, ids.shape[1] + 6) for m in (memo, again)]
-        outs = [m(ids, px, cache=c).logits[:, -1] for m, c in zip((memo, again), caches)]
+        for m, c in zip((memo, again), caches, strict=True):
+            m(ids, px, cache=c)
         for tok in fast[0, :5]:
-            step = [m(tok.view(1, 1), cache=c).logits[:, -1] for m, c in zip((memo, again), caches)]
+            step = [m(tok.view(1, 1), cache=c).logits[:, -1] for m, c in zip((memo, again), caches, strict=True)]
             torch.testing.assert_close(step[0], step[1], rtol=1e-4, atol=1e-5)
-            outs = step
     projected = [c.method_state["flexattn"].projected for c in caches]
     assert projected[0] < projected[1]
     assert projected[0] <= 2 * 144  # each HR token at most once per FlexAttention layer

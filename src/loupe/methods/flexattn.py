@@ -34,8 +34,8 @@ from torch import nn
 from loupe.config import VLMConfig
 from loupe.errors import ConfigError, LoupeError
 from loupe.methods import selection
-from loupe.methods.base import ImageInputs, Method, MethodConfig, Step, register
-from loupe.methods.highres import check_hr_size, encode_tiled, low_res
+from loupe.methods.base import ImageInputs, MethodConfig, Step, register
+from loupe.methods.highres import HighResMethod, check_hr_size, encode_tiled, low_res
 from loupe.nn.attention import attend
 from loupe.nn.decoder import DecoderLayer
 from loupe.nn.rope import Rope
@@ -111,23 +111,19 @@ class Request:
 
 
 @register
-class FlexAttention(Method):
+class FlexAttention(HighResMethod):
     name = "flexattn"
     config_class = FlexAttnConfig
     options: FlexAttnConfig
 
     def __init__(self, cfg: VLMConfig, options: FlexAttnConfig) -> None:
         super().__init__(cfg, options)
-        self.hr_size = options.resolved_hr_size(cfg)
         self.first = options.resolved_first_layer(cfg)
         self.hr_grid = self.hr_size // cfg.vision.patch_size
         t = cfg.text
         self.layers = nn.ModuleDict({str(i): HRProjection(t.hidden_size, t.num_kv_heads * t.head_dim)
                                      for i in range(self.first, t.num_layers)})
         self.gate = 1.0  # training gate a = min(1, epoch * warmup); 1 = HR rows fully hierarchical
-
-    def image_size(self) -> int:
-        return self.hr_size
 
     def init_from_base(self, vlm: VLM) -> None:
         """W'_K, W'_V start as copies of the layer's W_K, W_V (the official code's intent)."""
@@ -174,17 +170,23 @@ class FlexAttention(Method):
         q, k, v = attn.qkv(layer.input_layernorm(x), step.ctx.rope)  # (B, H, T, D), (B, G, T, D)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, G, Tk, D)
-        out, _ = attend(q, k, v, step.ctx.mask, causal=step.ctx.causal, kernel=step.ctx.kernel)  # (B, H, T, D)
         q_rows = _gather_rows(q, rows)  # (B, H, R, D)
         key_mask = _row_key_mask(step, rows, k.shape[2])  # (B, R, Tk)
-        if i >= self.first and sel is not None:
+        hierarchical = i >= self.first and sel is not None
+        # A decode step's only row is its HR row: with the gate fully open the fused pass
+        # over all rows would be thrown away, so it is skipped.
+        only_hr_rows = hierarchical and self.gate == 1.0 and q.shape[2] == 1 and bool(row_valid.all())
+        out = None if only_hr_rows else attend(q, k, v, step.ctx.mask, causal=step.ctx.causal,
+                                               kernel=step.ctx.kernel)[0]  # (B, H, T, D)
+        if hierarchical:
             k_hr, v_hr, hr_mask = self._hr_keys(i, req, sel)  # (B, G, S, D) x2, (B, R, S)
-            rows_out, probs = _row_attention(q_rows, k, v, key_mask, k_hr, v_hr, hr_mask)
-            plain_out = _gather_rows(out, rows)  # (B, H, R, D) the rows without HR
-            rows_out = (1 - self.gate) * plain_out + self.gate * rows_out
-            out = _scatter_rows(out, rows, row_valid, rows_out)
-            if self.options.source == "official":
-                _, probs = _row_attention(q_rows, k, v, key_mask)
+            rows_out, probs = _row_attention(q_rows, k, v, key_mask, k_hr, v_hr, hr_mask,
+                                             lr_probs=self.options.source == "official")
+            if out is None:
+                out = rows_out  # T == R == 1
+            else:
+                rows_out = (1 - self.gate) * _gather_rows(out, rows) + self.gate * rows_out
+                out = _scatter_rows(out, rows, row_valid, rows_out)
         else:
             _, probs = _row_attention(q_rows, k, v, key_mask)
         x = x + attn.o_proj(attn.merge(out))
@@ -321,17 +323,38 @@ def _row_key_mask(step: Step, rows: torch.Tensor, tk: int) -> torch.Tensor:
 
 def _row_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor,
                    k_hr: torch.Tensor | None = None, v_hr: torch.Tensor | None = None,
-                   hr_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   hr_mask: torch.Tensor | None = None, lr_probs: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention of a few rows q (B, H, R, D) over keys (B, G, Tk, D) and, if given,
-    HR keys (B, G, S, D). Returns out (B, H, R, D) and probabilities (B, H, R, Tk [+ S])."""
-    groups = q.shape[1] // k.shape[1]
-    keys, values, mask = k, v, key_mask
-    if k_hr is not None and v_hr is not None and hr_mask is not None:
-        keys, values = torch.cat([k, k_hr], dim=2), torch.cat([v, v_hr], dim=2)  # (B, G, Tk+S, D)
-        mask = torch.cat([key_mask, hr_mask], dim=2)  # (B, R, Tk+S)
-    keys = keys.repeat_interleave(groups, dim=1)  # (B, H, Tk+S, D)
-    values = values.repeat_interleave(groups, dim=1)
-    scores = (q @ keys.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, R, Tk+S)
-    scores = scores.masked_fill(~mask[:, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-    return probs.to(q.dtype) @ values, probs
+    HR keys (B, G, S, D); the two key sets are never concatenated, only their scores.
+
+    Returns out (B, H, R, D) and probabilities: (B, H, R, Tk + S) of the hierarchical map,
+    or, with `lr_probs`, (B, H, R, Tk) of the same rows' attention WITHOUT the HR columns
+    (the official selection source), both from the same scores.
+    """
+    scale = 1 / math.sqrt(q.shape[-1])
+    scores = _grouped_scores(q, k) * scale  # (B, H, R, Tk)
+    scores = scores.masked_fill(~key_mask[:, None], float("-inf"))
+    if k_hr is None or v_hr is None or hr_mask is None:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        return _grouped_mix(probs.to(q.dtype), v), probs
+    hr_scores = (_grouped_scores(q, k_hr) * scale).masked_fill(~hr_mask[:, None], float("-inf"))  # (B, H, R, S)
+    probs = torch.softmax(torch.cat([scores, hr_scores], dim=-1), dim=-1, dtype=torch.float32)
+    tk = k.shape[2]
+    p = probs.to(q.dtype)
+    out = _grouped_mix(p[..., :tk], v) + _grouped_mix(p[..., tk:], v_hr)  # (B, H, R, D)
+    return out, torch.softmax(scores, dim=-1, dtype=torch.float32) if lr_probs else probs
+
+
+def _grouped_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q (B, H, R, D) . k (B, G, K, D) -> (B, H, R, K) without repeating k over the groups."""
+    b, h, r, d = q.shape
+    g = k.shape[1]
+    qg = q.view(b, g, (h // g) * r, d)  # (B, G, H/G*R, D): heads of a group share keys
+    return (qg @ k.transpose(-1, -2)).view(b, h, r, -1)
+
+
+def _grouped_mix(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """p (B, H, R, K) . v (B, G, K, D) -> (B, H, R, D)."""
+    b, h, r, kk = p.shape
+    g = v.shape[1]
+    return (p.reshape(b, g, (h // g) * r, kk) @ v).view(b, h, r, -1)

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from loupe.config import VLMConfig
-from loupe.methods.base import ImageInputs, Method, MethodConfig, register
-from loupe.methods.highres import check_hr_size, encode_interpolated, encode_tiled, low_res
+from loupe.methods.base import ImageInputs, MethodConfig, register
+from loupe.methods.highres import HighResMethod, check_hr_size, encode_interpolated, encode_tiled, low_res
 
 if TYPE_CHECKING:
     from loupe.vlm import VLM
@@ -38,17 +38,10 @@ class HDConfig(MethodConfig):
 
 
 @register
-class HD(Method):
+class HD(HighResMethod):
     name = "hd"
     config_class = HDConfig
     options: HDConfig
-
-    def __init__(self, cfg: VLMConfig, options: HDConfig) -> None:
-        super().__init__(cfg, options)
-        self.hr_size = options.resolved_hr_size(cfg)
-
-    def image_size(self) -> int:
-        return self.hr_size
 
     def hr_tokens(self) -> int:
         grid = self.hr_size // self.cfg.vision.patch_size

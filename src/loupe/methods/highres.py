@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from loupe.config import VLMConfig
 from loupe.errors import ConfigError
+from loupe.methods.base import Method, MethodConfig
 
 if TYPE_CHECKING:
     from loupe.vlm import VLM
@@ -70,3 +71,15 @@ def encode_tiled(vlm: VLM, pixels: torch.Tensor) -> torch.Tensor:
 def encode_interpolated(vlm: VLM, pixels: torch.Tensor) -> torch.Tensor:
     """HR features (I, (S/patch)^2, W) in one pass with resampled position embeddings."""
     return vlm.image_features(pixels)
+
+
+class HighResMethod(Method):
+    """A method that takes the HR image (`hr_size` px) and derives the LR one from it.
+    Its options class provides `resolved_hr_size(cfg)`."""
+
+    def __init__(self, cfg: VLMConfig, options: MethodConfig) -> None:
+        super().__init__(cfg, options)
+        self.hr_size: int = options.resolved_hr_size(cfg)  # type: ignore[attr-defined]
+
+    def image_size(self) -> int:
+        return self.hr_size

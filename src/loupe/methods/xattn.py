@@ -19,8 +19,8 @@ from torch import nn
 
 from loupe.config import TextConfig, VLMConfig
 from loupe.errors import LoupeError
-from loupe.methods.base import ImageInputs, Method, MethodConfig, Step, register
-from loupe.methods.highres import check_hr_size, encode_tiled, low_res
+from loupe.methods.base import ImageInputs, MethodConfig, Step, register
+from loupe.methods.highres import HighResMethod, check_hr_size, encode_tiled, low_res
 from loupe.nn.attention import attend
 from loupe.nn.decoder import RMSNorm
 
@@ -68,18 +68,14 @@ class CrossAttention(nn.Module):
 
 
 @register
-class XAttn(Method):
+class XAttn(HighResMethod):
     name = "xattn"
     config_class = XAttnConfig
     options: XAttnConfig
 
     def __init__(self, cfg: VLMConfig, options: XAttnConfig) -> None:
         super().__init__(cfg, options)
-        self.hr_size = options.resolved_hr_size(cfg)
         self.cross = nn.ModuleList(CrossAttention(cfg.text) for _ in range(cfg.text.num_layers))
-
-    def image_size(self) -> int:
-        return self.hr_size
 
     def encode(self, vlm: VLM, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> ImageInputs:
         lr = vlm.image_features(low_res(pixel_values, self.cfg.vision.image_size))  # (I, N, W)
