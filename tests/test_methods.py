@@ -103,8 +103,27 @@ def test_hierarchical_attention_equals_independent_reference(base_path: Path) ->
                                rtol=1e-4, atol=1e-5)  # prompt rows never see HR
 
 
-def test_sdpa_equals_eager(base_path: Path) -> None:
+def test_training_gate_blends_from_plain_to_hierarchical(base_path: Path) -> None:
     model = flex(base_path)
+    ids, px = prompt_ids(10, 16, seed=11), pixels(1, seed=11, size=HR)
+    lowres = loupe.from_pretrained(base_path, dtype=torch.float32)
+    with torch.no_grad():
+        full = model(ids, px).logits
+        assert model.method.set_gate(epoch=0.0) == 0.0
+        closed = model(ids, px).logits
+        assert model.method.set_gate(epoch=0.05) == 0.5
+        half = model(ids, px).logits
+        plain = lowres(ids, low_res(px, 56)).logits
+    torch.testing.assert_close(closed, plain, rtol=1e-4, atol=1e-5)  # a = 0: HR has no effect
+    assert (half - closed).abs().max() > 1e-4 and (half - full).abs().max() > 1e-4
+    assert model.method.set_gate(epoch=3.0) == 1.0
+    with pytest.raises(loupe.LoupeError, match="epoch=-1"):
+        model.method.set_gate(epoch=-1)
+
+
+@pytest.mark.parametrize("source", ["official", "paper"])
+def test_sdpa_equals_eager(base_path: Path, source: str) -> None:
+    model = flex(base_path, source=source)
     ids, px = prompt_ids(10, 16, seed=2), pixels(1, seed=2, size=HR)
     with torch.no_grad():
         fused = model(ids, px).logits

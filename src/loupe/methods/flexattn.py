@@ -125,6 +125,14 @@ class FlexAttention(HighResMethod):
                                      for i in range(self.first, t.num_layers)})
         self.gate = 1.0  # training gate a = min(1, epoch * warmup); 1 = HR rows fully hierarchical
 
+    def set_gate(self, epoch: float, warmup: float = 10.0) -> float:
+        """The official training gate: HR rows mix (1 - a) * out_noHR + a * out_HR with
+        a = min(1, epoch * warmup) (epoch may be fractional). Returns a."""
+        if epoch < 0 or warmup <= 0:
+            raise LoupeError(f"gate needs epoch >= 0 and warmup > 0, got epoch={epoch}, warmup={warmup}")
+        self.gate = min(1.0, epoch * warmup)
+        return self.gate
+
     def init_from_base(self, vlm: VLM) -> None:
         """W'_K, W'_V start as copies of the layer's W_K, W_V (the official code's intent)."""
         with torch.no_grad():
