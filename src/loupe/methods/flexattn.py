@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,6 @@ from loupe.nn.rope import Rope
 if TYPE_CHECKING:
     from loupe.vlm import VLM
 
-Source = Literal["official", "paper"]
 
 
 @dataclass
@@ -160,8 +159,8 @@ class FlexAttention(HighResMethod):
                 x = layer(x, step.ctx, cache)
                 continue
             x, attn_lr = self._layer(i, layer, x, step, cache, req, rows, row_valid, sel)
-            sel = self._select(attn_lr, req, row_valid)  # (B, R, M) for layer i + 1
-            if i + 1 < len(vlm.decoder.layers):
+            if i + 1 < len(vlm.decoder.layers):  # the last layer has no next layer to select for
+                sel = self._select(attn_lr, req, row_valid)  # (B, R, M) for layer i + 1
                 masks[i + 1] = sel
                 fractions[i + 1] = _fraction(sel, row_valid)
         step.info["selection"] = masks
