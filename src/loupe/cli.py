@@ -13,11 +13,15 @@ from pathlib import Path
 
 import torch
 
+from loupe.bench import parse_method
 from loupe.checkpoints import from_pretrained
+from loupe.cost import CONVENTIONS, PRESETS, Preset, compare_table, estimate, format_flops, parts_table, preset
 from loupe.errors import LoupeError
+from loupe.files import write_json
+from loupe.flops import Workload
 from loupe.generation import SamplingConfig, generate
 from loupe.images import ImageProcessor, load_image
-from loupe.methods import METHODS
+from loupe.methods import METHODS, MethodConfig
 from loupe.text import Tokenizer, llava_prompt
 from loupe.vlm import VLM
 
@@ -41,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loupe", description="High-resolution VLMs that look closely only "
                                      "where it matters (FlexAttention, VISOR and baselines).")
     sub = parser.add_subparsers(title="commands")
-    for add in (_add_generate, _add_info, _add_convert, _add_demo):
+    for add in (_add_generate, _add_info, _add_convert, _add_demo, _add_flops, _add_bench):
         add(sub)
     return parser
 
@@ -215,6 +219,122 @@ def cmd_demo(args: argparse.Namespace) -> int:
         run_generation(model, tok, str(image_path), "What is in the image?",
                        SamplingConfig(max_new_tokens=args.max_new_tokens))
         print(f"generated {args.max_new_tokens} tokens in {time.perf_counter() - start:.2f}s")
+    return 0
+
+
+# ---- cost and latency -------------------------------------------------------------------
+def _workload_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hr-size", type=int, default=None, help="HR image side for HR methods (default: each method's)")
+    p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option where the method has it, e.g. -o tiles=true (repeatable)")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="text tokens of the prompt besides the image")
+    p.add_argument("--new-tokens", type=int, default=8, help="generated tokens (the first comes from prefill)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--selected-ratio", type=float, default=0.1,
+                   help="FlexAttention: fraction of HR tokens selected (paper: about 10%%)")
+
+
+def _add_flops(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("flops", help="analytic FLOPs of a method, part by part (loupe.cost)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="model shapes by name (see `loupe flops --preset list`)")
+    src.add_argument("--model", help="checkpoint folder to take the config (and method) from")
+    p.add_argument("--method", default=None, help="METHOD or METHOD@HR_SIZE (default: lowres, or the checkpoint's)")
+    p.add_argument("--compare", nargs="+", metavar="METHOD", default=None,
+                   help="several methods side by side, ratios to the first, e.g. lowres hd@448 flexattn")
+    _workload_args(p)
+    p.add_argument("--reproject", action="store_true", help="FlexAttention decode re-projects HR keys (no memo)")
+    p.add_argument("--lm-head", choices=["last", "all"], default="last", help="prefill logits for which positions")
+    p.add_argument("--convention", choices=list(CONVENTIONS), default="flops")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=cmd_flops)
+
+
+def _model_shapes(args: argparse.Namespace) -> tuple[Preset, MethodConfig | None, str]:
+    """The preset (or the checkpoint's config as one), the checkpoint's method, and a name."""
+    if args.preset:
+        if args.preset == "list":
+            raise LoupeError("presets: " + "; ".join(f"{k} ({v.description})" for k, v in PRESETS.items()))
+        return preset(args.preset), None, args.preset
+    from loupe.checkpoints import read_config
+    folder = Path(args.model)
+    if not folder.is_dir():
+        raise LoupeError(f"--model {args.model!r} is not a folder")
+    cfg, stored = read_config(folder)
+    return Preset(cfg, f"checkpoint {folder}"), stored, str(folder)
+
+
+def cmd_flops(args: argparse.Namespace) -> int:
+    shapes, stored, source = _model_shapes(args)
+    options = parse_options(args.option)
+    specs = args.compare or [args.method or (stored.name if stored else "lowres")]
+    workload = Workload(args.prompt_tokens, args.new_tokens, args.batch, selected=args.selected_ratio,
+                        memoised=not args.reproject, lm_head=args.lm_head)
+    costs = []
+    for spec in specs:
+        method = stored if stored and spec == stored.name and not options and args.hr_size is None else \
+            parse_method(spec, args.hr_size, **options)
+        costs.append(estimate(shapes.config, method, workload, convention=args.convention,
+                              class_token=shapes.class_token))
+    if args.json:
+        body = costs[0].to_dict() if len(costs) == 1 else {
+            "methods": [c.to_dict() for c in costs], "ratios": [c.total / costs[0].total for c in costs]}
+        print(json.dumps({"model": source, **body}, indent=2))
+        return 0
+    unit = "multiply-accumulates over image tokens" if args.convention == "image-macs" else "FLOPs (2 x MACs)"
+    print(f"{source}: {shapes.description}")
+    print(f"workload: {json.dumps(workload.to_dict())}; {unit}\n")
+    if len(costs) == 1:
+        c = costs[0]
+        print(parts_table(c))
+        if args.convention == "flops":
+            print(f"\nprefill {format_flops(c.prefill)}, decode {format_flops(c.decode_per_token)} per token")
+        print(f"image tokens in the sequence: {c.image_tokens}, equivalent image tokens: "
+              f"{c.equivalent_image_tokens:.0f}")
+    else:
+        print(compare_table(costs))
+    return 0
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="latency of methods side by side (interleaved, medians), with predicted ratios")
+    p.add_argument("--preset", default="llava-1.5-7b", help=f"model shapes: one of {sorted(PRESETS)}")
+    p.add_argument("--methods", nargs="+", default=["lowres", "hd", "xattn", "flexattn"], metavar="METHOD",
+                   help="METHOD or METHOD@HR_SIZE; the first is the reference of the ratios")
+    _workload_args(p)
+    p.add_argument("--layers", type=int, default=2, help="decoder layers kept (0: all)")
+    p.add_argument("--vision-layers", type=int, default=0, help="encoder layers kept (0: all)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench.json", help="where the JSON results go")
+    p.set_defaults(run=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from loupe.bench import BenchConfig, benchmark, table
+
+    options = parse_options(args.option)
+    # Random weights make the threshold rule's selected fraction meaningless: methods that
+    # select do so with a fixed budget of blocks equal to --selected-ratio.
+    methods = [parse_method(spec, args.hr_size, **{"budget": args.selected_ratio, **options})
+               for spec in args.methods]
+    cfg = BenchConfig(methods, layers=args.layers or None, vision_layers=args.vision_layers or None,
+                      dtype=DTYPES[args.dtype], device=args.device, batch=args.batch,
+                      prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, reps=args.reps,
+                      warmup=args.warmup, seed=args.seed)
+    results = benchmark(preset(args.preset), cfg)
+    results["preset"] = args.preset
+    write_json(args.out, results)
+    m = results["machine"]
+    where = m.get("gpu") or f"{m['cpu']}, {m['threads']} threads"
+    print(f"{args.preset} cut to {args.layers or 'all'} decoder / {args.vision_layers or 'all'} encoder layers, "
+          f"{args.dtype}, batch {args.batch}, {args.prompt_tokens} text tokens, {args.new_tokens} new tokens, "
+          f"{args.reps} interleaved reps, medians; {where}; torch {m['torch']}\n")
+    print(table(results))
+    print(f"\nratios: measured (predicted by loupe.cost FLOPs); JSON: {args.out}")
     return 0
 
 

@@ -48,19 +48,24 @@ def tiny_tokenizer(vocab_size: int = 256) -> Tokenizer:
     return tok
 
 
+@torch.no_grad()
+def init_random_(module: torch.nn.Module, std: float = 0.02) -> torch.nn.Module:
+    """Random weights in place: matrices N(0, std), norm scales 1, the rest (biases) 0."""
+    for name, p in module.named_parameters():
+        if p.dim() > 1:
+            p.normal_(0, std)
+        else:
+            p.fill_(1.0 if "norm" in name else 0.0)
+    return module
+
+
 def write_tiny_checkpoint(path: str | os.PathLike[str], seed: int = 0, overwrite: bool = False,
                           cfg: VLMConfig | None = None) -> Path:
     """A random tiny LLaVA folder at `path` (config.json, model.safetensors, tokenizer.json)."""
     torch.manual_seed(seed)
     tok = tiny_tokenizer()
     cfg = cfg or tiny_config(vocab_size=tok.get_vocab_size())
-    model = VLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.05)
-            elif "norm" in name:
-                p.fill_(1.0)
+    model = init_random_(VLM(cfg), std=0.05)
     save_pretrained(model, path, overwrite=overwrite)
     tok.save(str(Path(path) / "tokenizer.json"))
     return Path(path)

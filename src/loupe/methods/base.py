@@ -29,6 +29,7 @@ from torch import nn
 
 from loupe.config import VLMConfig
 from loupe.errors import ConfigError, LoupeError
+from loupe.flops import CostPlan, Workload
 from loupe.nn.decoder import AttnContext
 from loupe.nn.kv_cache import DecoderCache
 
@@ -101,6 +102,13 @@ class Method(nn.Module):
 
     def init_from_base(self, vlm: VLM) -> None:
         """Initialise new weights from the base model's (called by `loupe convert`)."""
+
+    @classmethod
+    def cost_plan(cls, cfg: VLMConfig, options: MethodConfig, workload: Workload) -> CostPlan:
+        """How this method spends compute, for `loupe.cost` (a classmethod: costing a 13B
+        preset builds no weights). The base is plain LLaVA: one native-size encoder pass."""
+        n = cfg.tokens_per_image
+        return CostPlan(image_tokens=n, vision={"vision.lr": (cfg.vision.image_size, 1)}, projector_rows=n)
 
 
 METHODS: dict[str, type[Method]] = {}

@@ -33,9 +33,10 @@ from torch import nn
 
 from loupe.config import VLMConfig
 from loupe.errors import ConfigError, LoupeError
+from loupe.flops import CostPlan, Workload, attention, linear
 from loupe.methods import selection
 from loupe.methods.base import ImageInputs, MethodConfig, Step, register
-from loupe.methods.highres import HighResMethod, check_hr_size, encode_tiled, low_res
+from loupe.methods.highres import HighResMethod, check_hr_size, encode_tiled, low_res, tiled_plan
 from loupe.nn.attention import attend
 from loupe.nn.decoder import DecoderLayer
 from loupe.nn.rope import Rope
@@ -140,6 +141,33 @@ class FlexAttention(HighResMethod):
                 proj.k_proj.weight.copy_(attn.k_proj.weight)
                 proj.v_proj.weight.copy_(attn.v_proj.weight)
 
+    @classmethod
+    def cost_plan(cls, cfg: VLMConfig, options: MethodConfig, workload: Workload) -> CostPlan:
+        """Per sample (one HR row, the last): layers first-1.. recompute that row eagerly
+        (its attention over the Tk keys, for the selection); layers first.. add its
+        attention over the S selected HR tokens and project them with W'_K, W'_V - at
+        prefill all S, at a memoised decode step only the fresh ones. A decode step's row
+        recomputation replaces the fused pass, so it costs nothing extra there."""
+        assert isinstance(options, FlexAttnConfig)
+        plan, m = tiled_plan(cfg, options.resolved_hr_size(cfg))
+        t = cfg.text
+        hierarchical = t.num_layers - options.resolved_first_layer(cfg)
+        kv = t.num_kv_heads * t.head_dim
+        s = workload.selected * m
+        fresh = workload.fresh * m if workload.memoised else s
+
+        def hr(projected: float) -> dict[str, float]:
+            return {"hr_attention": hierarchical * attention(1, s, t.num_heads, t.head_dim),
+                    "hr_projection": hierarchical * 2 * linear(projected, t.hidden_size, kv)}
+
+        def prefill(tokens: int) -> dict[str, float]:
+            rows = (hierarchical + 1) * attention(1, tokens, t.num_heads, t.head_dim)
+            return {**hr(s), "hr_row_recompute": rows}
+
+        plan.prefill_extra, plan.decode_extra = prefill, lambda keys: hr(fresh)
+        plan.image_parts = ("hr_attention", "hr_projection")
+        return plan
+
     def encode(self, vlm: VLM, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> ImageInputs:
         lr = vlm.image_features(low_res(pixel_values, self.cfg.vision.image_size))  # (I, N, W)
         extras = {"hr": encode_tiled(vlm, pixel_values)}  # (I, M, W)
@@ -152,7 +180,7 @@ class FlexAttention(HighResMethod):
         req = self._request(vlm, step, x.shape[0])
         rows, row_valid = self._hr_rows(step, x.shape[:2])  # (B, R), (B, R)
         sel: torch.Tensor | None = None  # (B, R, M) selection made by the previous layer
-        masks, fractions = {}, {}
+        masks, fractions, projected_before = {}, {}, req.projected
         for i, layer in enumerate(vlm.decoder.layers):
             cache = step.cache.layers[i] if step.cache is not None else None
             if i < self.first - 1:
@@ -166,6 +194,9 @@ class FlexAttention(HighResMethod):
         step.info["selection"] = masks
         step.info["selected_fraction"] = fractions
         step.info["hr_rows"] = (rows, row_valid)
+        hr_layers = len(vlm.decoder.layers) - self.first
+        step.info["projected_fraction"] = (req.projected - projected_before) / (req.hr.shape[0] * req.hr.shape[1]
+                                                                                * hr_layers)
         return x
 
     def _layer(self, i: int, layer: DecoderLayer, x: torch.Tensor, step: Step, cache, req: Request,
@@ -180,22 +211,22 @@ class FlexAttention(HighResMethod):
         q_rows = _gather_rows(q, rows)  # (B, H, R, D)
         key_mask = _row_key_mask(step, rows, k.shape[2])  # (B, R, Tk)
         hierarchical = i >= self.first and sel is not None
-        # A decode step's only row is its HR row: with the gate fully open the fused pass
-        # over all rows would be thrown away, so it is skipped.
-        only_hr_rows = hierarchical and self.gate == 1.0 and q.shape[2] == 1 and bool(row_valid.all())
+        # A decode step's only row is its HR row, whose eager recomputation below gives the
+        # layer's whole output (with the training gate fully open): the fused pass is skipped.
+        only_hr_rows = q.shape[2] == 1 and bool(row_valid.all()) and (self.gate == 1.0 or not hierarchical)
         out = None if only_hr_rows else attend(q, k, v, step.ctx.mask, causal=step.ctx.causal,
                                                kernel=step.ctx.kernel)[0]  # (B, H, T, D)
         if hierarchical:
             k_hr, v_hr, hr_mask = self._hr_keys(i, req, sel)  # (B, G, S, D) x2, (B, R, S)
             rows_out, probs = _row_attention(q_rows, k, v, key_mask, k_hr, v_hr, hr_mask,
                                              lr_probs=self.options.source == "official")
-            if out is None:
-                out = rows_out  # T == R == 1
-            else:
-                rows_out = (1 - self.gate) * _gather_rows(out, rows) + self.gate * rows_out
-                out = _scatter_rows(out, rows, row_valid, rows_out)
         else:
-            _, probs = _row_attention(q_rows, k, v, key_mask)
+            rows_out, probs = _row_attention(q_rows, k, v, key_mask)
+        if out is None:
+            out = rows_out  # T == R == 1
+        elif hierarchical:
+            rows_out = (1 - self.gate) * _gather_rows(out, rows) + self.gate * rows_out
+            out = _scatter_rows(out, rows, row_valid, rows_out)
         x = x + attn.o_proj(attn.merge(out))
         attn_lr = probs[..., : k.shape[2]].sum(1)  # (B, R, Tk) summed over heads
         attn_lr = attn_lr.gather(2, req.image_cols[:, None].expand(-1, rows.shape[1], -1))  # (B, R, N)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from loupe.config import VLMConfig
+from loupe.flops import CostPlan, Workload
 from loupe.methods.base import ImageInputs, MethodConfig, register
 from loupe.methods.highres import HighResMethod, check_hr_size, encode_interpolated, encode_tiled, low_res
 
@@ -43,14 +44,25 @@ class HD(HighResMethod):
     config_class = HDConfig
     options: HDConfig
 
-    def hr_tokens(self) -> int:
-        grid = self.hr_size // self.cfg.vision.patch_size
-        return grid * grid + (1 if self.cfg.feature_strategy == "full" and not self.options.tiles else 0)
-
     def tokens_per_image(self) -> int:
-        return self.cfg.tokens_per_image + self.hr_tokens()
+        return self.cfg.tokens_per_image + hr_tokens(self.cfg, self.options)
+
+    @classmethod
+    def cost_plan(cls, cfg: VLMConfig, options: MethodConfig, workload: Workload) -> CostPlan:
+        assert isinstance(options, HDConfig)
+        native, hr = cfg.vision.image_size, options.resolved_hr_size(cfg)
+        tokens = cfg.tokens_per_image + hr_tokens(cfg, options)
+        hr_pass = (native, (hr // native) ** 2) if options.tiles else (hr, 1)
+        return CostPlan(image_tokens=tokens, vision={"vision.lr": (native, 1), "vision.hr": hr_pass},
+                        projector_rows=tokens)
 
     def encode(self, vlm: VLM, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> ImageInputs:
         lr = vlm.image_features(low_res(pixel_values, self.cfg.vision.image_size))  # (I, N, W)
         hr = (encode_tiled if self.options.tiles else encode_interpolated)(vlm, pixel_values)  # (I, M, W)
         return ImageInputs(torch.cat([lr, hr], dim=1))  # (I, N + M, W)
+
+
+def hr_tokens(cfg: VLMConfig, options: HDConfig) -> int:
+    """HR tokens per image: the HR grid, plus the class token of an interpolated 'full' pass."""
+    grid = options.resolved_hr_size(cfg) // cfg.vision.patch_size
+    return grid * grid + (1 if cfg.feature_strategy == "full" and not options.tiles else 0)

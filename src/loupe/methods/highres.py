@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from loupe.config import VLMConfig
 from loupe.errors import ConfigError
+from loupe.flops import CostPlan
 from loupe.methods.base import Method, MethodConfig
 
 if TYPE_CHECKING:
@@ -83,3 +84,13 @@ class HighResMethod(Method):
 
     def image_size(self) -> int:
         return self.hr_size
+
+
+def tiled_plan(cfg: VLMConfig, hr_size: int) -> tuple[CostPlan, int]:
+    """Cost plan of an LR pass plus k x k native tiles kept beside the sequence, and M."""
+    native, n = cfg.vision.image_size, cfg.tokens_per_image
+    k = hr_size // native
+    m = (k * cfg.vision.grid) ** 2
+    plan = CostPlan(image_tokens=n, vision={"vision.lr": (native, 1), "vision.hr": (native, k * k)},
+                    projector_rows=n + m)
+    return plan, m

@@ -19,8 +19,9 @@ from torch import nn
 
 from loupe.config import TextConfig, VLMConfig
 from loupe.errors import LoupeError
+from loupe.flops import CostPlan, Workload, attention, linear
 from loupe.methods.base import ImageInputs, MethodConfig, Step, register
-from loupe.methods.highres import HighResMethod, check_hr_size, encode_tiled, low_res
+from loupe.methods.highres import HighResMethod, check_hr_size, encode_tiled, low_res, tiled_plan
 from loupe.nn.attention import attend
 from loupe.nn.decoder import RMSNorm
 
@@ -102,6 +103,24 @@ class XAttn(HighResMethod):
         kvs = [c.keys_values(hr.to(c.q_proj.weight.dtype)) for c in self.cross]
         memo["xattn_kv"] = kvs
         return kvs
+
+    @classmethod
+    def cost_plan(cls, cfg: VLMConfig, options: MethodConfig, workload: Workload) -> CostPlan:
+        """Every layer: q/o projections and attention of every row over all M HR tokens;
+        the HR keys/values are projected once, at prefill."""
+        assert isinstance(options, XAttnConfig)
+        plan, m = tiled_plan(cfg, options.resolved_hr_size(cfg))
+        t = cfg.text
+        inner, layers = t.num_heads * t.head_dim, t.num_layers
+
+        def cross(rows: int) -> float:
+            return layers * (2 * linear(rows, t.hidden_size, inner) + attention(rows, m, t.num_heads, t.head_dim))
+
+        plan.prefill_extra = lambda tokens: {"cross_attention": cross(tokens),
+                                             "cross_kv": layers * 2 * linear(m, t.hidden_size, inner)}
+        plan.decode_extra = lambda keys: {"cross_attention": cross(1)}
+        plan.image_parts = ("cross_attention", "cross_kv")
+        return plan
 
     def init_from_base(self, vlm: VLM) -> None:
         with torch.no_grad():

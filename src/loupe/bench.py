@@ -1,0 +1,330 @@
+"""`loupe bench`: latency of methods side by side, in one process, on the same weights.
+
+Shape legend: B batch, T prompt length (text + image tokens), S image side in pixels.
+
+Protocol: one random-weight model of a preset's shapes, optionally cut to a few decoder
+(and encoder) layers so 7B shapes fit a laptop; every method shares its base weights
+(only the method module is swapped in). After warm-up, repetitions are interleaved
+(A B C A B C ...) so drift of a shared machine hits every method alike; each repetition
+is a prefill from pixels (encoder, projector, decoder, first token) and `new_tokens - 1`
+cached decode steps. Reported: medians with min-max, tokens/s, peak memory, and next to
+every measured ratio the cost model's predicted FLOP ratio for exactly what ran (the
+selection fractions measured in the run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from loupe.config import VLMConfig
+from loupe.cost import Preset, estimate
+from loupe.errors import LoupeError
+from loupe.flops import Workload
+from loupe.methods import Method, MethodConfig, build_method, method_options
+from loupe.tiny import init_random_
+from loupe.vlm import VLM
+
+
+def parse_method(spec: str, hr_size: int | None = None, **options: Any) -> MethodConfig:
+    """'flexattn@1008' -> the method's options (hr_size from '@', else `hr_size` if the
+    method has one). `options` apply where the method has such a field."""
+    name, _, size = spec.partition("@")
+    fields = {f.name for f in dataclasses.fields(method_options(name).__class__)}
+    chosen = {k: v for k, v in options.items() if k in fields and v is not None}
+    if size:
+        if "hr_size" not in fields:
+            raise LoupeError(f"method {name!r} takes no HR size, but {spec!r} gives one")
+        try:
+            chosen["hr_size"] = int(size)
+        except ValueError:
+            raise LoupeError(f"HR size {size!r} in {spec!r} is not an integer") from None
+    elif hr_size is not None and "hr_size" in fields:
+        chosen["hr_size"] = hr_size
+    return method_options(name, **chosen)
+
+
+def label(options: MethodConfig, cfg: VLMConfig) -> str:
+    hr = getattr(options, "resolved_hr_size", None)
+    return options.name + (f"@{hr(cfg)}" if hr else "")
+
+
+@dataclass
+class BenchConfig:
+    methods: list[MethodConfig]
+    layers: int | None = 2  # decoder layers kept (None: all)
+    vision_layers: int | None = None  # encoder layers kept (None: all)
+    dtype: torch.dtype = torch.bfloat16
+    device: str = "cpu"
+    batch: int = 1
+    prompt_tokens: int = 64
+    new_tokens: int = 8
+    reps: int = 5
+    warmup: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "reps", "new_tokens"):
+            if getattr(self, name) < 1:
+                raise LoupeError(f"{name}={getattr(self, name)} must be at least 1")
+        for name in ("warmup", "prompt_tokens"):
+            if getattr(self, name) < 0:
+                raise LoupeError(f"{name}={getattr(self, name)} must not be negative")
+        for name in ("layers", "vision_layers"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise LoupeError(f"{name}={getattr(self, name)} must be at least 1")
+        if not self.methods:
+            raise LoupeError("no methods to benchmark")
+
+
+def cut(preset: Preset, layers: int | None, vision_layers: int | None) -> VLMConfig:
+    """The preset's config with fewer decoder / encoder layers (the same feature layer index)."""
+    if not preset.class_token:
+        raise LoupeError(f"this preset ({preset.description.split(';')[0]}) is cost-only: Loupe's CLIP "
+                         "tower cannot run an encoder without a class token")
+    d = preset.config.to_dict()
+    if layers is not None:
+        d["text"]["num_layers"] = layers
+    if vision_layers is not None:
+        d["vision"]["num_layers"] = vision_layers
+        d["feature_layer"] = -1 if vision_layers == 1 else d["feature_layer"]
+    return VLMConfig.from_dict(d)
+
+
+# ---- measuring ------------------------------------------------------------------------
+class Stopwatch:
+    """Wall time of a block; on CUDA between events recorded on the stream, then synchronised."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.seconds = 0.0
+
+    def __enter__(self) -> Stopwatch:
+        if self.cuda:
+            self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.cuda:
+            self._end.record()
+            self._end.synchronize()
+            self.seconds = self._start.elapsed_time(self._end) / 1000
+        else:
+            self.seconds = time.perf_counter() - self._t0
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: CUDA allocator statistics, or on CPU the
+    process's resident set sampled every 2 ms from /proc (None where there is no /proc)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak_bytes = device, None
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _rss() -> int | None:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            rss = self._rss()
+            if rss is not None:
+                self._max = max(self._max, rss)
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            base = self._rss()
+            self._base = self._max = base or 0
+            self._thread = threading.Thread(target=self._sample, daemon=True) if base is not None else None
+            if self._thread:
+                self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+        elif self._thread:
+            self._stop.set()
+            self._thread.join()
+            self.peak_bytes = max(self._max, self._rss() or 0) - self._base
+
+
+@dataclass
+class Sample:
+    prefill_s: float
+    decode_s: float  # per decode step
+    peak_bytes: int | None
+    selected: float | None  # mean selected fraction (methods that select)
+    fresh: float | None  # fraction of HR tokens a decode step projected anew
+
+
+def _mean_info(info: dict[str, Any], key: str) -> float | None:
+    values = info.get(key)
+    if isinstance(values, dict):
+        return float(torch.stack([v.float().mean() for v in values.values()]).mean()) if values else None
+    return None if values is None else float(values)
+
+
+@torch.inference_mode()
+def run_once(model: VLM, ids: torch.Tensor, pixels: torch.Tensor, new_tokens: int) -> Sample:
+    """One prefill from pixels and `new_tokens - 1` decode steps."""
+    cache = model.new_cache(ids.shape[0], ids.shape[1] + new_tokens)
+    with PeakMemory(model.device) as mem:
+        with Stopwatch(model.device) as prefill:
+            out = model(ids, pixels, cache=cache, last_only=True)
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        fresh = []
+        with Stopwatch(model.device) as decode:
+            for _ in range(new_tokens - 1):
+                step = model(tok, cache=cache, last_only=True)
+                tok = step.logits[:, -1].argmax(-1, keepdim=True)
+                fresh.append(_mean_info(step.info, "projected_fraction"))
+    per_step = decode.seconds / max(1, new_tokens - 1)
+    known = [f for f in fresh if f is not None]
+    return Sample(prefill.seconds, per_step, mem.peak_bytes, _mean_info(out.info, "selected_fraction"),
+                  statistics.fmean(known) if known else None)
+
+
+def request(model: VLM, method: Method, cfg: BenchConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompt ids (B, T) with the method's image block after the first token, and pixels (B, 3, S, S)."""
+    vocab, image_id = model.cfg.text.vocab_size, model.cfg.image_token_id
+    text = torch.randint(5, vocab, (cfg.batch, max(1, cfg.prompt_tokens)), generator=gen)
+    text = text.masked_fill(text == image_id, 5)
+    image = torch.full((cfg.batch, method.tokens_per_image()), image_id)
+    ids = torch.cat([text[:, :1], image, text[:, 1:]], dim=1)
+    size = method.image_size()
+    px = torch.randn(cfg.batch, 3, size, size, generator=gen)
+    return ids.to(model.device), px.to(model.device, model.dtype)
+
+
+def benchmark(preset: Preset, cfg: BenchConfig, reference: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Run the benchmark; returns the JSON-ready results (rows in the order of cfg.methods)."""
+    model_cfg = cut(preset, cfg.layers, cfg.vision_layers)
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LoupeError(f"device {cfg.device!r} asked for, but CUDA is not available")
+    torch.manual_seed(cfg.seed)
+    model = _random_model(model_cfg, cfg.dtype, device)
+    methods = {label(o, model_cfg): _method(model, o) for o in cfg.methods}
+    if len(methods) != len(cfg.methods):
+        raise LoupeError(f"the same method is listed twice: {[label(o, model_cfg) for o in cfg.methods]}")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    inputs = {name: request(model, m, cfg, gen) for name, m in methods.items()}
+    samples: dict[str, list[Sample]] = {name: [] for name in methods}
+    rounds = cfg.warmup + cfg.reps
+    bar = tqdm(total=rounds * len(methods), desc="bench", disable=not progress, unit="run")
+    for r in range(rounds):
+        for name, method in methods.items():  # interleaved: A B C A B C ...
+            model.method = method
+            s = run_once(model, *inputs[name], cfg.new_tokens)
+            if r >= cfg.warmup:
+                samples[name].append(s)
+            bar.update()
+    bar.close()
+    rows = [_row(name, o, samples[name], model_cfg, cfg) for name, o in zip(methods, cfg.methods, strict=True)]
+    ref = rows[reference]
+    for row in rows:
+        for phase in ("prefill", "decode"):
+            row[f"{phase}_ratio_measured"] = row[f"{phase}_ms"]["median"] / ref[f"{phase}_ms"]["median"]
+            row[f"{phase}_ratio_predicted"] = row[f"{phase}_flops"] / ref[f"{phase}_flops"]
+    return {"config": {**{k: v for k, v in dataclasses.asdict(cfg).items() if k != "methods"},
+                       "dtype": str(cfg.dtype).removeprefix("torch."), "model": model_cfg.to_dict()},
+            "reference": ref["method"], "machine": machine(device), "rows": rows}
+
+
+def _random_model(cfg: VLMConfig, dtype: torch.dtype, device: torch.device) -> VLM:
+    with torch.device("meta"):
+        model = VLM(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    return init_random_(model).eval()  # type: ignore[return-value]
+
+
+def _method(model: VLM, options: MethodConfig) -> Method:
+    with torch.device("meta"):
+        method = build_method(model.cfg, options)
+    method = method.to_empty(device=model.device).to(model.dtype)
+    init_random_(method)
+    method.init_from_base(model)
+    return method.eval()
+
+
+def _stats(values: list[float], scale: float = 1.0) -> dict[str, float]:
+    return {"median": statistics.median(values) * scale, "min": min(values) * scale, "max": max(values) * scale}
+
+
+def _row(name: str, options: MethodConfig, samples: list[Sample], model_cfg: VLMConfig,
+         cfg: BenchConfig) -> dict[str, Any]:
+    selected = [s.selected for s in samples if s.selected is not None]
+    fresh = [s.fresh for s in samples if s.fresh is not None]
+    workload = Workload(cfg.prompt_tokens, cfg.new_tokens, cfg.batch,
+                        selected=statistics.fmean(selected) if selected else 0.1,
+                        memoised=getattr(options, "memoise", True))
+    workload = dataclasses.replace(workload, fresh=min(workload.selected, statistics.fmean(fresh)) if fresh else 0.0)
+    cost = estimate(model_cfg, options, workload)
+    decode = [s.decode_s for s in samples]
+    peaks = [s.peak_bytes for s in samples if s.peak_bytes is not None]
+    return {
+        "method": name, "options": cost.method,
+        "prefill_ms": _stats([s.prefill_s for s in samples], 1e3),
+        "decode_ms": _stats(decode, 1e3),
+        "tokens_per_s": cfg.batch / statistics.median(decode),
+        "peak_mb": statistics.median(peaks) / 2**20 if peaks else None,
+        "selected_fraction": workload.selected if selected else None,
+        "prefill_flops": cost.prefill, "decode_flops": cost.decode_per_token,
+    }
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        info["cpu"] = _cpu_name()
+        info["cores"] = os.cpu_count()
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown"
+
+
+def table(results: dict[str, Any]) -> str:
+    ref = results["reference"]
+    lines = [f"| method | prefill ms (min-max) | decode ms/token (min-max) | tokens/s | peak MB | prefill / {ref} "
+             f"measured (FLOPs) | decode / {ref} measured (FLOPs) |", "|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        p, d = r["prefill_ms"], r["decode_ms"]
+        peak = f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "-"
+        lines.append(f"| {r['method']} | {p['median']:.1f} ({p['min']:.1f}-{p['max']:.1f}) | {d['median']:.2f} "
+                     f"({d['min']:.2f}-{d['max']:.2f}) | {r['tokens_per_s']:.1f} | {peak} | "
+                     f"{r['prefill_ratio_measured']:.2f} ({r['prefill_ratio_predicted']:.2f}) | "
+                     f"{r['decode_ratio_measured']:.2f} ({r['decode_ratio_predicted']:.2f}) |")
+    return "\n".join(lines)

@@ -1,0 +1,222 @@
+"""The cost model: analytic FLOPs of any method on any model shape, part by part.
+
+    cost = loupe.cost.estimate(PRESETS["llava-1.5-7b"].config, method_options("flexattn"),
+                               Workload(prompt_tokens=64, new_tokens=16, selected=0.1))
+    cost.total, cost.parts["vision.hr"], cost.decode_per_token
+
+Parts (FLOPs for the whole batch; `loupe.flops` says what is counted):
+    vision.lr / vision.hr   encoder passes (LR image; HR image or its tiles)
+    projector               the 2-layer MLP over every feature row
+    prefill.llm             decoder layers over the prompt (text + image tokens in the sequence)
+    prefill.lm_head         logits of the last prompt position (or all, `lm_head="all"`)
+    prefill.<extra>         what the method adds (FlexAttention HR keys, XAttn cross-attention)
+    decode.llm / decode.lm_head / decode.<extra>   the new_tokens - 1 decode steps
+
+Conventions:
+    flops       (default) the parts above
+    image-macs  the token-pruning papers' count: multiply-accumulates of the LLM over the
+                image tokens only, 4nd^2 + 2n^2d + 3ndm per layer (d width, m MLP width,
+                n image tokens in the sequence; LLaVA-1.5-7B at 576 tokens: 3.82e12), plus
+                half the FLOPs of the method's image-driven extras.
+Every cost also carries `equivalent_image_tokens`: the n at which plain image tokens in
+every layer would cost the method's image-macs, which puts layer-wise methods
+(FlexAttention, XAttn, VISOR, pruning) on the token-count axis of the papers.
+
+Every formula is checked against torch's FlopCounterMode on real forwards (tests/test_cost.py);
+`count_flops` is that counter, with the CPU SDPA kernel it misses by default.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from loupe.config import TextConfig, VisionConfig, VLMConfig
+from loupe.errors import LoupeError
+from loupe.flops import Workload, decoder_layer, image_token_macs, lm_head, projector, vision_pass
+from loupe.methods import METHODS, MethodConfig
+from loupe.tiny import tiny_config
+
+CONVENTIONS = ("flops", "image-macs")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Real model shapes. `class_token=False`: a SigLIP-style encoder (no class token),
+    which the cost model knows but Loupe's CLIP tower cannot run."""
+
+    config: VLMConfig
+    description: str
+    class_token: bool = True
+
+
+def _llava15(width: int, mlp: int, layers: int, heads: int) -> VLMConfig:
+    return VLMConfig(text=TextConfig(hidden_size=width, intermediate_size=mlp, num_layers=layers, num_heads=heads,
+                                     num_kv_heads=heads))  # vision: the VisionConfig defaults, CLIP ViT-L/14-336
+
+
+PRESETS: dict[str, Preset] = {
+    "llava-1.5-7b": Preset(_llava15(4096, 11008, 32, 32), "CLIP ViT-L/14-336 (layer -2) + Vicuna-7B"),
+    "llava-1.5-13b": Preset(_llava15(5120, 13824, 40, 40), "CLIP ViT-L/14-336 (layer -2) + Vicuna-13B"),
+    "llava-ov-0.5b": Preset(
+        VLMConfig(vision=VisionConfig(hidden_size=1152, intermediate_size=4304, num_layers=26, num_heads=16,
+                                      image_size=378, patch_size=14, hidden_act="gelu"),
+                  text=TextConfig(vocab_size=151647, hidden_size=896, intermediate_size=4864, num_layers=24,
+                                  num_heads=14, num_kv_heads=2, rope_theta=1e6, tie_word_embeddings=True,
+                                  attention_bias=True, max_position_embeddings=32768),
+                  image_token_id=151646, feature_layer=-1),
+        "SigLIP-400M/14-384 (26 layers; a 384 px tile gives 27 x 27 = 729 patches, the 378 px it reads) + "
+        "Qwen2-0.5B; its AnyRes at 3x3+1 tiles is `--method hd -o tiles=true --hr-size 1134` "
+        "(the 81 row-newline tokens are not counted)",
+        class_token=False),
+    "tiny": Preset(tiny_config(), "the tiny random model of `loupe demo` and the tests"),
+}
+
+
+@dataclass
+class Cost:
+    method: dict[str, Any]  # the method's options, with its name
+    convention: str
+    workload: dict[str, Any]
+    parts: dict[str, float]
+    decode_per_token: float  # mean FLOPs of one decode step (of the first one if there is none)
+    image_tokens: int  # image tokens per sample in the decoder sequence
+    equivalent_image_tokens: float
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+    def part(self, prefix: str) -> float:
+        """Sum of the parts whose name starts with `prefix` (e.g. "vision", "prefill")."""
+        return sum(v for k, v in self.parts.items() if k == prefix or k.startswith(prefix + "."))
+
+    @property
+    def prefill(self) -> float:
+        """Everything before the first new token: encoder, projector, prefill."""
+        return self.part("vision") + self.part("projector") + self.part("prefill")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "convention": self.convention, "workload": self.workload,
+                "total": self.total, "prefill": self.prefill, "decode_per_token": self.decode_per_token,
+                "parts": self.parts, "image_tokens": self.image_tokens,
+                "equivalent_image_tokens": self.equivalent_image_tokens}
+
+
+def preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise LoupeError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def estimate(cfg: VLMConfig, options: MethodConfig, workload: Workload | None = None, *,
+             convention: str = "flops", class_token: bool = True) -> Cost:
+    """The cost of `workload` on model `cfg` under method `options`."""
+    if convention not in CONVENTIONS:
+        raise LoupeError(f"unknown convention {convention!r}; choose one of {list(CONVENTIONS)}")
+    w = workload or Workload()
+    options.validate(cfg)
+    plan = METHODS[options.name].cost_plan(cfg, options, w)
+    t = cfg.text
+    seq = w.prompt_tokens + plan.image_tokens  # prompt length P
+    image_macs = t.num_layers * image_token_macs(t, plan.image_tokens)
+    image_macs += sum(v for k, v in plan.prefill_extra(seq).items() if k in plan.image_parts) / 2
+    if convention == "image-macs":
+        parts = {"image_tokens": t.num_layers * image_token_macs(t, plan.image_tokens),
+                 **{k: v / 2 for k, v in plan.prefill_extra(seq).items() if k in plan.image_parts}}
+        per_token = 0.0
+    else:
+        parts = {name: passes * vision_pass(cfg, side, class_token) for name, (side, passes) in plan.vision.items()}
+        parts["projector"] = projector(cfg, plan.projector_rows)
+        parts["prefill.llm"] = t.num_layers * decoder_layer(t, seq, seq)
+        parts["prefill.lm_head"] = lm_head(t, seq if w.lm_head == "all" else 1)
+        parts.update({f"prefill.{k}": v for k, v in plan.prefill_extra(seq).items()})
+        decode = _decode(t, plan.decode_extra, seq, max(0, w.new_tokens - 1))
+        per_token = _decode_step(t, plan.decode_extra, seq + 1) if w.new_tokens <= 1 else \
+            sum(decode.values()) / (w.new_tokens - 1)
+        parts.update(decode)
+    method = options.to_dict()
+    if hasattr(options, "resolved_hr_size"):
+        method["hr_size"] = options.resolved_hr_size(cfg)
+    return Cost(method, convention, w.to_dict(), {k: w.batch * v for k, v in parts.items()},
+                w.batch * per_token, plan.image_tokens, _equivalent_tokens(t, image_macs))
+
+
+def _decode_step(t: TextConfig, extra: Callable[[int], dict[str, float]], keys: int) -> float:
+    return t.num_layers * decoder_layer(t, 1, keys) + lm_head(t, 1) + sum(extra(keys).values())
+
+
+def _decode(t: TextConfig, extra: Callable[[int], dict[str, float]], seq: int, steps: int) -> dict[str, float]:
+    """Parts of `steps` decode steps after a prompt of `seq` tokens (step j sees seq + j keys)."""
+    if steps == 0:
+        return {}
+    keys = [seq + j for j in range(1, steps + 1)]
+    parts = {"decode.llm": t.num_layers * sum(decoder_layer(t, 1, k) for k in keys),
+             "decode.lm_head": steps * lm_head(t, 1)}
+    for k in keys:
+        for name, v in extra(k).items():
+            parts[f"decode.{name}"] = parts.get(f"decode.{name}", 0.0) + v
+    return parts
+
+
+def _equivalent_tokens(t: TextConfig, macs: float) -> float:
+    """n with num_layers * (4nd^2 + 2n^2d + 3ndm) = macs (the positive root)."""
+    d, m = t.hidden_size, t.intermediate_size
+    a, b, c = 2 * d, 4 * d * d + 3 * d * m, -macs / t.num_layers
+    return (-b + math.sqrt(b * b - 4 * a * c)) / (2 * a)
+
+
+# ---- the real count -------------------------------------------------------------------
+def _cpu_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None,
+                    **kwargs: Any) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """Matrix-product FLOPs torch's FlopCounterMode counts while `fn` runs, including the
+    CPU flash-attention kernel SDPA dispatches to (counted as 0 without this mapping)."""
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+# ---- presentation ---------------------------------------------------------------------
+def format_flops(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3f} {unit}"
+    return f"{x:.0f}"
+
+
+def parts_table(cost: Cost) -> str:
+    """One method's parts, largest first, with their share of the total."""
+    unit = "MACs" if cost.convention == "image-macs" else "FLOPs"
+    lines = [f"| part | {unit} | share |", "|---|---|---|"]
+    total = cost.total or 1.0
+    for name, v in sorted(cost.parts.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {name} | {format_flops(v)} | {100 * v / total:.1f}% |")
+    lines.append(f"| **total** | **{format_flops(cost.total)}** | 100% |")
+    return "\n".join(lines)
+
+
+def compare_table(costs: list[Cost]) -> str:
+    """Methods side by side, ratios to the first."""
+    ref = costs[0]
+    lines = ["| method | image tokens | equiv. image tokens | prefill | decode / token | total | total / "
+             f"{ref.method['name']} |", "|---|---|---|---|---|---|---|"]
+    for c in costs:
+        lines.append(f"| {_label(c)} | {c.image_tokens} | {c.equivalent_image_tokens:.0f} | "
+                     f"{format_flops(c.prefill)} | {format_flops(c.decode_per_token)} | {format_flops(c.total)} | "
+                     f"{c.total / ref.total:.3f} |")
+    return "\n".join(lines)
+
+
+def _label(c: Cost) -> str:
+    hr = c.method.get("hr_size")
+    return c.method["name"] + (f"@{hr}" if hr else "")
