@@ -14,7 +14,9 @@ selection fractions measured in the run).
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import gc
 import os
 import statistics
 import threading
@@ -126,7 +128,8 @@ class Stopwatch:
 
 class PeakMemory:
     """Peak memory above the level at entry: CUDA allocator statistics, or on CPU the
-    process's resident set sampled every 2 ms from /proc (None where there is no /proc)."""
+    process's resident set sampled every 2 ms from /proc after returning freed heap to the
+    OS (None where there is no /proc)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.peak_bytes = device, None
@@ -152,6 +155,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         else:
+            _release_free_memory()
             base = self._rss()
             self._base = self._max = base or 0
             self._thread = threading.Thread(target=self._sample, daemon=True) if base is not None else None
@@ -167,6 +171,16 @@ class PeakMemory:
             self._stop.set()
             self._thread.join()
             self.peak_bytes = max(self._max, self._rss() or 0) - self._base
+
+
+def _release_free_memory() -> None:
+    """Hand memory freed by earlier runs back to the OS (glibc), so that a run's resident
+    growth is its own and not hidden by what the previous method left in the heap."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @dataclass
@@ -188,8 +202,8 @@ def _mean_info(info: dict[str, Any], key: str) -> float | None:
 @torch.inference_mode()
 def run_once(model: VLM, ids: torch.Tensor, pixels: torch.Tensor, new_tokens: int) -> Sample:
     """One prefill from pixels and `new_tokens - 1` decode steps."""
-    cache = model.new_cache(ids.shape[0], ids.shape[1] + new_tokens)
     with PeakMemory(model.device) as mem:
+        cache = model.new_cache(ids.shape[0], ids.shape[1] + new_tokens)
         with Stopwatch(model.device) as prefill:
             out = model(ids, pixels, cache=cache, last_only=True)
             tok = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)

@@ -1,0 +1,78 @@
+"""Reader of datasets in the LLaVA conversation format - the built-in benchmark goes
+through it exactly as a real instruction-tuning or evaluation set would:
+
+    [{"id": "...", "image": "images/000001.png",
+      "conversations": [{"from": "human", "value": "<image>\\nWhat is ...?"},
+                        {"from": "gpt", "value": "..."}, ...],
+      "meta": {...}}]                      # optional; anything the dataset records
+
+Every problem is reported with the row it is in, before any training starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loupe.errors import LoupeError
+from loupe.text import IMAGE_PLACEHOLDER
+
+
+@dataclass
+class Example:
+    id: str
+    image: Path
+    turns: list[tuple[str, str]]  # (human, assistant) pairs; the first human turn holds <image>
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def question(self) -> str:
+        return self.turns[0][0]
+
+    @property
+    def answer(self) -> str:
+        return self.turns[0][1]
+
+
+def read_llava(path: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None) -> list[Example]:
+    """Examples of a LLaVA-format JSON file; image paths are relative to `image_root`
+    (default: the JSON file's folder)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoupeError(f"dataset file not found: {path}")
+    try:
+        rows = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise LoupeError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(rows, list):
+        raise LoupeError(f"{path} must hold a JSON list of conversations, not {type(rows).__name__}")
+    root = Path(image_root) if image_root is not None else path.parent
+    return [_example(row, i, path, root) for i, row in enumerate(rows)]
+
+
+def _example(row: Any, i: int, path: Path, root: Path) -> Example:
+    where = f"row {i}" + (f" (id {row.get('id')!r})" if isinstance(row, dict) and "id" in row else "") + f" of {path}"
+    if not isinstance(row, dict) or "image" not in row or "conversations" not in row:
+        raise LoupeError(f"{where}: needs 'image' and 'conversations'")
+    convo = row["conversations"]
+    if not isinstance(convo, list) or len(convo) < 2 or len(convo) % 2:
+        raise LoupeError(f"{where}: 'conversations' must alternate human and gpt turns, in pairs")
+    turns = []
+    for k in range(0, len(convo), 2):
+        human, gpt = convo[k], convo[k + 1]
+        if human.get("from") != "human" or gpt.get("from") != "gpt":
+            raise LoupeError(f"{where}: turn {k} must come from 'human' and turn {k + 1} from 'gpt'")
+        turns.append((str(human.get("value", "")), str(gpt.get("value", ""))))
+    if IMAGE_PLACEHOLDER not in turns[0][0]:
+        raise LoupeError(f"{where}: the question has no {IMAGE_PLACEHOLDER} placeholder: {turns[0][0][:60]!r}")
+    if sum(q.count(IMAGE_PLACEHOLDER) for q, _ in turns) != 1:
+        raise LoupeError(f"{where}: exactly one {IMAGE_PLACEHOLDER} per conversation is supported")
+    if any(not a.strip() for _, a in turns):
+        raise LoupeError(f"{where}: an answer is empty")
+    image = root / row["image"]
+    if not image.is_file():
+        raise LoupeError(f"{where}: image not found: {image}")
+    return Example(str(row.get("id", i)), image, turns, dict(row.get("meta") or {}))
