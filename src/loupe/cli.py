@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loupe", description="High-resolution VLMs that look closely only "
                                      "where it matters (FlexAttention, VISOR and baselines).")
     sub = parser.add_subparsers(title="commands")
-    for add in (_add_generate, _add_info, _add_convert, _add_demo, _add_flops, _add_bench):
+    for add in (_add_generate, _add_info, _add_convert, _add_demo, _add_flops, _add_bench, _add_data, _add_train,
+                _add_reproduce):
         add(sub)
     return parser
 
@@ -335,6 +336,96 @@ def cmd_bench(args: argparse.Namespace) -> int:
           f"{args.reps} interleaved reps, medians; {where}; torch {m['torch']}\n")
     print(table(results))
     print(f"\nratios: measured (predicted by loupe.cost FLOPs); JSON: {args.out}")
+    return 0
+
+
+# ---- data, training, the reproduction --------------------------------------------------------
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="datasets: generate the built-in synthetic HR-VQA benchmark")
+    data = p.add_subparsers(title="data commands")
+    synth = data.add_parser("synth", help="write scenes (PNG) and LLaVA-format train/val/test JSON")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--n", type=int, default=1500, help="training scenes (val n/10, test n/5)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--native", type=int, default=64, help="the model's native image side; images are 4x")
+    synth.add_argument("--overwrite", action="store_true")
+    synth.set_defaults(run=cmd_data_synth)
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from loupe.data.synthetic import SynthConfig, write_dataset
+
+    out = Path(args.out)
+    if (out / "train.json").exists() and not args.overwrite:
+        raise LoupeError(f"{out} already holds a dataset; pass --overwrite to replace it")
+    if args.native < 16 or args.native % 8:
+        raise LoupeError(f"--native {args.native} must be a multiple of 8, at least 16")
+    write_dataset(out, args.n, args.seed, SynthConfig(native=args.native))
+    counts = {split: len(json.loads((out / f"{split}.json").read_text())) for split in ("train", "val", "test")}
+    print(f"wrote {out}: records {counts}")
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from loupe.train import TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser("train", help="train or fine-tune a checkpoint on a LLaVA-format dataset")
+    _model_args(p)
+    p.add_argument("--data", required=True, help="LLaVA-format JSON (image paths relative to it)")
+    p.add_argument("--out", required=True, help="run folder: train_log.jsonl, checkpoint-*/, final/")
+    p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE", help="method option")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--train", default=",".join(d.train),
+                   help="comma-separated parameter prefixes to train (vision_tower, projector, decoder, method)")
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from loupe.data.llava import read_llava
+    from loupe.train import FeatureImages, PixelImages, TrainConfig, tokenize, train
+
+    out = Path(args.out)
+    if (out / "final").exists() and not args.overwrite:
+        raise LoupeError(f"{out} already holds a trained model; pass --overwrite to replace it")
+    examples = read_llava(args.data)
+    model = from_pretrained(args.model, args.method, dtype=DTYPES[args.dtype] if args.dtype else torch.float32,
+                            device=args.device, **parse_options(args.option))
+    tok = Tokenizer.from_folder(args.model, model.cfg.image_token_id)
+    prefixes = tuple(p.strip() for p in args.train.split(",") if p.strip())
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, train=prefixes,
+                      checkpoint_every=args.checkpoint_every, seed=args.seed)
+    samples, paths = tokenize(examples, tok, model.method.tokens_per_image())
+    frozen_encoder = not any(p.startswith(("vision_tower", "projector")) for p in prefixes)
+    images = FeatureImages(model, paths) if frozen_encoder else PixelImages(paths, model.method.image_size())
+    if out.exists() and args.overwrite:
+        (out / "train_log.jsonl").unlink(missing_ok=True)
+    log = train(model, samples, images, cfg, tok.pad_id, out)
+    (out / "final" / "tokenizer.json").write_bytes((Path(args.model) / "tokenizer.json").read_bytes())
+    print(f"trained {cfg.steps} steps, final loss {log[-1]['loss']:.4f}; model in {out / 'final'}")
+    return 0
+
+
+def _add_reproduce(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reproduce", help="train every method on the built-in benchmark; table, JSON, plot")
+    p.add_argument("--out", default="loupe-reproduce", help="output folder")
+    p.add_argument("--quick", action="store_true", help="the same pipeline, much smaller (a smoke run)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    p.set_defaults(run=cmd_reproduce)
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from loupe.reproduce import print_report, reproduce
+
+    report = reproduce(args.out, quick=args.quick, seed=args.seed, overwrite=args.overwrite)
+    print_report(report, Path(args.out))
     return 0
 
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from loupe.errors import LoupeError
+from loupe.methods import ImageInputs
 from loupe.vlm import VLM
 
 
@@ -60,9 +62,13 @@ def generate(
     sampling: SamplingConfig | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
     image_sizes: torch.Tensor | None = None,
+    images: ImageInputs | None = None,
+    info: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """New tokens (B, <= max_new_tokens) after the prompt; rows that stopped are padded
-    with their stop token. `on_token` gets each step's tokens (B,) as they come."""
+    with their stop token. `on_token` gets each step's tokens (B,) as they come.
+    `images`: features already encoded by `model.method.encode` instead of pixels.
+    `info`: filled with what the method reported at prefill (e.g. selection fractions)."""
     cfg = sampling or SamplingConfig()
     b, t = input_ids.shape
     limit = model.cfg.text.max_position_embeddings
@@ -76,8 +82,11 @@ def generate(
     attention_mask = attention_mask.to(model.device) if attention_mask is not None else None
     pixels = pixel_values.to(model.device, model.dtype) if pixel_values is not None else None
 
-    logits = model(input_ids, pixels, attention_mask, cache=cache, last_only=True,
-                   image_sizes=image_sizes).logits[:, -1]  # (B, V)
+    prefill = model(input_ids, pixels, attention_mask, cache=cache, last_only=True, image_sizes=image_sizes,
+                    images=images)
+    if info is not None:
+        info.update(prefill.info)
+    logits = prefill.logits[:, -1]  # (B, V)
     done = torch.zeros(b, dtype=torch.bool, device=model.device)
     out: list[torch.Tensor] = []
     for _ in range(cfg.max_new_tokens):

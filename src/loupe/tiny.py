@@ -37,14 +37,27 @@ def tiny_config(vocab_size: int = 256, image_size: int = 56, layers: int = 2) ->
     )
 
 
-def tiny_tokenizer(vocab_size: int = 256) -> Tokenizer:
-    """Byte-level BPE with LLaVA's special tokens at ids 0..4 (`<image>` = 4)."""
+def synth_tiny_config(vocab_size: int = 512) -> VLMConfig:
+    """The built-in benchmark's model (`loupe reproduce`): a 4-layer ViT (64 px images,
+    8 px patches: 64 tokens) and a 4-layer grouped-query decoder of width 128."""
+    return VLMConfig(
+        vision=VisionConfig(hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4, image_size=64,
+                            patch_size=8),
+        text=TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
+                        num_kv_heads=2, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
+                        pad_token_id=3),
+        image_token_id=4, feature_layer=-1)
+
+
+def tiny_tokenizer(vocab_size: int = 256, corpus: list[str] | None = None) -> Tokenizer:
+    """Byte-level BPE with LLaVA's special tokens at ids 0..4 (`<image>` = 4), trained on
+    `corpus` (default: a few LLaVA-style sentences)."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS, trainer)
+    tok.train_from_iterator(corpus or CORPUS, trainer)
     return tok
 
 

@@ -9,7 +9,8 @@ have the same ink coverage and live above the native size's Nyquist limit, so af
 downsampling a tag is the same grey blob whatever its pattern; at 3x the native size a
 tag is 12 px with a 3 px period, which one native-size tile shows plainly.
 
-Questions (single-turn, LLaVA conversation format, metadata under "meta"):
+Questions (LLaVA conversation format, metadata under "meta"; train: one multi-turn
+conversation per image, val / test: one question per record):
     easy  colour / shape / left-right position / count - answerable at low resolution
     hard  the pattern on one named object - needs the high-resolution detail
 each as short answer or multiple choice (four options, answer with the letter). Object
@@ -40,7 +41,7 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), 
 DISTRACTOR = (128, 128, 128)
 SHAPES = ("circle", "square", "triangle")
 PATTERNS = ("stripes", "bars", "checks", "slashes")
-COUNT_WORDS = {2: "two", 3: "three", 4: "four"}
+COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 LETTERS = "ABCD"
 SMALL_AREA = 0.05  # the paper's object-size split: small objects cover under 5% of the image
 
@@ -213,7 +214,7 @@ def scene_questions(rng: random.Random, scene: Scene, hard_per_object: int = 1) 
             out.append(_question(rng, f"Is the {_name(o)} on the left or on the right?", where,
                                  ["left", "right", "top", "bottom"], "easy", "position", o, side, mc))
     n = len(scene.objects)
-    out.append(_question(rng, "How many coloured shapes are there?", COUNT_WORDS[n], [*COUNT_WORDS.values(), "five"],
+    out.append(_question(rng, "How many coloured shapes are there?", COUNT_WORDS[n], list(COUNT_WORDS.values()),
                          "easy", "count", None, side, rng.random() < 0.5))
     return out
 
@@ -248,6 +249,16 @@ def record(rid: str, image: str, q: dict[str, Any], **meta: Any) -> dict[str, An
             "meta": {**q["meta"], **meta}}
 
 
+def conversation_record(rid: str, image: str, questions: list[dict[str, Any]], **meta: Any) -> dict[str, Any]:
+    """All questions about one image as one conversation (the image in the first turn)."""
+    turns: list[dict[str, str]] = []
+    for k, q in enumerate(questions):
+        turns += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + q["question"]},
+                  {"from": "gpt", "value": q["answer"]}]
+    return {"id": rid, "image": image, "conversations": turns,
+            "meta": {"turns": [q["meta"] for q in questions], **meta}}
+
+
 def write_dataset(out: str | Path, n: int, seed: int = 0, cfg: SynthConfig | None = None,
                   progress: bool = True) -> Path:
     """Write `out`/{train,val,test}.json and `out`/images/*.png; returns `out`."""
@@ -265,8 +276,13 @@ def write_dataset(out: str | Path, n: int, seed: int = 0, cfg: SynthConfig | Non
             image = render(scene, cfg)
             name = f"{split}_{i:05d}"
             image.save(images / f"{name}.png")
-            for j, q in enumerate(scene_questions(rng, scene)):
-                rows.append(record(f"{name}_q{j}", f"images/{name}.png", q, scene=name))
+            questions = scene_questions(rng, scene)
+            if split == "train":  # one multi-turn conversation per image, as LLaVA's instruction data
+                rng.shuffle(questions)
+                rows.append(conversation_record(name, f"images/{name}.png", questions))
+            else:  # one question per record: every question scored on its own
+                rows.extend(record(f"{name}_q{j}", f"images/{name}.png", q, scene=name)
+                            for j, q in enumerate(questions))
             if split == "train":
                 rows.extend(_crop_rows(rng, image, scene, cfg, images, name))
             bar.update()
@@ -283,7 +299,7 @@ def _crop_rows(rng: random.Random, image: Image.Image, scene: Scene, cfg: SynthC
         o = rng.choice(scene.objects)
         crop_name = f"{name}_crop{k}"
         crop_around(rng, image, o, cfg).save(images / f"{crop_name}.png")
-        q = _question(rng, f"What pattern is on the {_name(o)}?", o.pattern, list(PATTERNS), "hard", "pattern",
-                      o, scene.size, rng.random() < 0.5)
-        rows.append(record(f"{crop_name}_q0", f"images/{crop_name}.png", q, scene=name, crop=True))
+        text = f"What pattern is on the {_name(o)}?"
+        qs = [_question(rng, text, o.pattern, list(PATTERNS), "hard", "pattern", o, scene.size, mc) for mc in (0, 1)]
+        rows.append(conversation_record(f"{crop_name}", f"images/{crop_name}.png", qs, scene=name, crop=True))
     return rows

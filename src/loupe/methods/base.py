@@ -93,7 +93,19 @@ class Method(nn.Module):
     def encode(self, vlm: VLM, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> ImageInputs:
         """Pixels (I, 3, S, S) -> ImageInputs. image_sizes (I, 2): original (height, width)
         before square padding, for methods that care where the padding is."""
-        return ImageInputs(vlm.image_features(pixel_values))
+        return self.assemble(self.features(vlm, pixel_values), image_sizes)
+
+    # `encode` = `assemble(features(...))`, split so that training with a frozen encoder can
+    # compute `features` once per image and share them between methods of the same `feature_key`.
+    def feature_key(self) -> tuple[object, ...]:
+        """Methods with equal keys compute equal `features` from the same pixels."""
+        return ("native", self.cfg.vision.image_size)
+
+    def features(self, vlm: VLM, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"lr": vlm.image_features(pixel_values)}  # (I, N, W)
+
+    def assemble(self, features: dict[str, torch.Tensor], image_sizes: torch.Tensor | None = None) -> ImageInputs:
+        return ImageInputs(features["lr"])
 
     def run_layers(self, vlm: VLM, x: torch.Tensor, step: Step) -> torch.Tensor:
         for i, layer in enumerate(vlm.decoder.layers):

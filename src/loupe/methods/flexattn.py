@@ -36,7 +36,7 @@ from loupe.errors import ConfigError, LoupeError
 from loupe.flops import CostPlan, Workload, attention, linear
 from loupe.methods import selection
 from loupe.methods.base import ImageInputs, MethodConfig, Step, register
-from loupe.methods.highres import HighResMethod, check_hr_size, encode_tiled, low_res, tiled_plan
+from loupe.methods.highres import HighResMethod, check_hr_size, tiled_plan
 from loupe.nn.attention import attend
 from loupe.nn.decoder import DecoderLayer
 from loupe.nn.rope import Rope
@@ -168,12 +168,11 @@ class FlexAttention(HighResMethod):
         plan.image_parts = ("hr_attention", "hr_projection")
         return plan
 
-    def encode(self, vlm: VLM, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> ImageInputs:
-        lr = vlm.image_features(low_res(pixel_values, self.cfg.vision.image_size))  # (I, N, W)
-        extras = {"hr": encode_tiled(vlm, pixel_values)}  # (I, M, W)
+    def assemble(self, features: dict[str, torch.Tensor], image_sizes: torch.Tensor | None = None) -> ImageInputs:
+        extras = {"hr": features["hr"]}  # (I, M, W)
         if image_sizes is not None:
-            extras["image_sizes"] = image_sizes.to(pixel_values.device)
-        return ImageInputs(lr, extras)
+            extras["image_sizes"] = image_sizes.to(features["hr"].device)
+        return ImageInputs(features["lr"], extras)  # (I, N, W)
 
     # ---- layer loop -----------------------------------------------------------------
     def run_layers(self, vlm: VLM, x: torch.Tensor, step: Step) -> torch.Tensor:

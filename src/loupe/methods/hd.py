@@ -16,10 +16,10 @@ import torch
 from loupe.config import VLMConfig
 from loupe.flops import CostPlan, Workload
 from loupe.methods.base import ImageInputs, MethodConfig, register
-from loupe.methods.highres import HighResMethod, check_hr_size, encode_interpolated, encode_tiled, low_res
+from loupe.methods.highres import HighResMethod, check_hr_size
 
 if TYPE_CHECKING:
-    from loupe.vlm import VLM
+    pass
 
 
 @dataclass
@@ -56,10 +56,11 @@ class HD(HighResMethod):
         return CostPlan(image_tokens=tokens, vision={"vision.lr": (native, 1), "vision.hr": hr_pass},
                         projector_rows=tokens)
 
-    def encode(self, vlm: VLM, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> ImageInputs:
-        lr = vlm.image_features(low_res(pixel_values, self.cfg.vision.image_size))  # (I, N, W)
-        hr = (encode_tiled if self.options.tiles else encode_interpolated)(vlm, pixel_values)  # (I, M, W)
-        return ImageInputs(torch.cat([lr, hr], dim=1))  # (I, N + M, W)
+    def tiled(self) -> bool:
+        return self.options.tiles
+
+    def assemble(self, features: dict[str, torch.Tensor], image_sizes: torch.Tensor | None = None) -> ImageInputs:
+        return ImageInputs(torch.cat([features["lr"], features["hr"]], dim=1))  # (I, N + M, W)
 
 
 def hr_tokens(cfg: VLMConfig, options: HDConfig) -> int:

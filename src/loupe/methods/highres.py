@@ -85,6 +85,18 @@ class HighResMethod(Method):
     def image_size(self) -> int:
         return self.hr_size
 
+    def tiled(self) -> bool:
+        return True
+
+    def feature_key(self) -> tuple[object, ...]:
+        return ("tiled" if self.tiled() else "interpolated", self.hr_size)
+
+    def features(self, vlm: VLM, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """LR features (I, N, W) of the downsampled image, HR features (I, M, W)."""
+        lr = vlm.image_features(low_res(pixel_values, self.cfg.vision.image_size))
+        hr = (encode_tiled if self.tiled() else encode_interpolated)(vlm, pixel_values)
+        return {"lr": lr, "hr": hr}
+
 
 def tiled_plan(cfg: VLMConfig, hr_size: int) -> tuple[CostPlan, int]:
     """Cost plan of an LR pass plus k x k native tiles kept beside the sequence, and M."""

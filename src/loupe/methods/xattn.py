@@ -21,7 +21,7 @@ from loupe.config import TextConfig, VLMConfig
 from loupe.errors import LoupeError
 from loupe.flops import CostPlan, Workload, attention, linear
 from loupe.methods.base import ImageInputs, MethodConfig, Step, register
-from loupe.methods.highres import HighResMethod, check_hr_size, encode_tiled, low_res, tiled_plan
+from loupe.methods.highres import HighResMethod, check_hr_size, tiled_plan
 from loupe.nn.attention import attend
 from loupe.nn.decoder import RMSNorm
 
@@ -78,9 +78,8 @@ class XAttn(HighResMethod):
         super().__init__(cfg, options)
         self.cross = nn.ModuleList(CrossAttention(cfg.text) for _ in range(cfg.text.num_layers))
 
-    def encode(self, vlm: VLM, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> ImageInputs:
-        lr = vlm.image_features(low_res(pixel_values, self.cfg.vision.image_size))  # (I, N, W)
-        return ImageInputs(lr, {"hr": encode_tiled(vlm, pixel_values)})  # hr: (I, M, W)
+    def assemble(self, features: dict[str, torch.Tensor], image_sizes: torch.Tensor | None = None) -> ImageInputs:
+        return ImageInputs(features["lr"], {"hr": features["hr"]})  # (I, N, W), hr: (I, M, W)
 
     def run_layers(self, vlm: VLM, x: torch.Tensor, step: Step) -> torch.Tensor:
         kvs = self._keys_values(step, x.shape[0])

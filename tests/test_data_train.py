@@ -1,0 +1,171 @@
+"""The synthetic benchmark, the LLaVA reader, training and `loupe reproduce --quick`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import loupe
+from loupe.cli import main
+from loupe.data.llava import read_llava
+from loupe.data.synthetic import PATTERNS, SynthConfig, pattern_mask, write_dataset
+from loupe.train import TrainConfig, collate, conversation, tokenize, train
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("d") / "synth", 12, seed=3, progress=False)
+
+
+def test_generation_is_deterministic_and_splits_differ(synth: Path, tmp_path: Path) -> None:
+    again = write_dataset(tmp_path / "again", 12, seed=3, progress=False)
+    for split in ("train", "val", "test"):
+        assert (synth / f"{split}.json").read_text() == (again / f"{split}.json").read_text()
+    a = np.asarray(Image.open(synth / "images" / "test_00000.png"))
+    assert (a == np.asarray(Image.open(again / "images" / "test_00000.png"))).all()
+    assert not (a == np.asarray(Image.open(synth / "images" / "val_00000.png"))).all()
+    other = write_dataset(tmp_path / "other", 12, seed=4, progress=False)
+    assert (other / "test.json").read_text() != (synth / "test.json").read_text()
+
+
+def test_patterns_are_legible_at_high_resolution_only() -> None:
+    """Equal ink; at 3x (period 3 px) the patterns differ, after downsampling to 1x they do not."""
+    cfg = SynthConfig()
+    tags = {p: Image.fromarray(np.where(pattern_mask(p, cfg.tag, cfg.period), 0, 255).astype(np.uint8))
+            for p in PATTERNS}
+    assert len({int(np.asarray(t).sum()) for t in tags.values()}) == 1  # same ink coverage
+
+    def at(scale: float) -> dict[str, np.ndarray]:
+        side = round(cfg.tag * scale / cfg.scale)
+        return {p: np.asarray(t.resize((side, side), Image.Resampling.BILINEAR), dtype=np.float32)
+                for p, t in tags.items()}
+
+    def spread(images: dict[str, np.ndarray]) -> float:
+        arr = list(images.values())
+        return min(float(np.abs(a - b).mean()) for i, a in enumerate(arr) for b in arr[i + 1:])
+
+    assert spread(at(3)) > 40  # every pair of patterns differs clearly at 3x
+    assert spread(at(1)) < 0.3 * spread(at(3))  # and far less after downsampling to the native size
+
+
+def test_records_go_through_the_llava_reader(synth: Path) -> None:
+    test = read_llava(synth / "test.json")
+    assert all(len(ex.turns) == 1 and ex.question.startswith("<image>\n") for ex in test)
+    kinds = {(ex.meta["kind"], ex.meta["format"]) for ex in test}
+    assert kinds == {("easy", "mc"), ("easy", "short"), ("hard", "mc"), ("hard", "short")}
+    for ex in test:
+        if ex.meta["kind"] == "hard":
+            assert ex.meta["answer_text"] in PATTERNS
+            assert (ex.meta["size"] == "small") == (ex.meta["area_fraction"] < 0.05)
+        if ex.meta["format"] == "mc":
+            assert ex.answer in "ABCD" and ex.meta["options"]["ABCD".index(ex.answer)] == ex.meta["answer_text"]
+    train_ex = read_llava(synth / "train.json")
+    assert any(ex.meta.get("crop") for ex in train_ex) and max(len(ex.turns) for ex in train_ex) > 3
+
+
+def test_reader_names_the_bad_row(synth: Path, tmp_path: Path) -> None:
+    rows = json.loads((synth / "test.json").read_text())
+    bad = [rows[0], {**rows[1], "image": "images/missing.png"}]
+    (tmp_path / "a.json").write_text(json.dumps(bad))
+    (tmp_path / "images").symlink_to(synth / "images")
+    with pytest.raises(loupe.LoupeError, match=r"row 1 \(id '.*'\).*image not found: .*missing.png"):
+        read_llava(tmp_path / "a.json")
+    no_image = [{**rows[0], "conversations": [{"from": "human", "value": "What?"}, {"from": "gpt", "value": "A"}]}]
+    (tmp_path / "b.json").write_text(json.dumps(no_image))
+    with pytest.raises(loupe.LoupeError, match=r"row 0 .* no <image> placeholder"):
+        read_llava(tmp_path / "b.json")
+
+
+# ---- training -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_base(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from loupe.reproduce import dataset_tokenizer, synth_tiny_config
+    from loupe.tiny import init_random_
+    root = tmp_path_factory.mktemp("m")
+    tok = dataset_tokenizer(read_llava(synth / "train.json"), root / "tokenizer")
+    torch.manual_seed(0)
+    model = init_random_(loupe.VLM(synth_tiny_config(tok.inner.get_vocab_size())))
+    loupe.save_pretrained(model, root / "base")
+    (root / "base" / "tokenizer.json").write_bytes((root / "tokenizer" / "tokenizer.json").read_bytes())
+    return root / "base"
+
+
+def test_only_answer_tokens_are_scored(synth: Path, tiny_base: Path) -> None:
+    tok = loupe.Tokenizer.from_folder(tiny_base, 4)
+    ex = read_llava(synth / "train.json")[0]
+    ids, scored = conversation(ex, tok, 64)
+    answers = [tok.decode([i for i, s in zip(ids, scored, strict=True) if s and i != tok.eos_id])]
+    assert answers[0].split() == [a for _, a in ex.turns]
+    batch = collate(tokenize([ex], tok, 64)[0], tok.pad_id)
+    rows = batch.loss_rows[0].nonzero()[:, 0]
+    assert torch.equal(batch.input_ids[0, rows + 1], torch.tensor([i for i, s in zip(ids, scored, strict=True) if s]))
+
+
+def test_lr_schedule() -> None:
+    cfg = TrainConfig(steps=100, warmup=10, final_lr=0.1)
+    assert cfg.lr_at(0) == pytest.approx(0.1) and cfg.lr_at(9) == pytest.approx(1.0)
+    assert cfg.lr_at(55) == pytest.approx(0.55) and cfg.lr_at(99) == pytest.approx(0.1, abs=1e-3)
+
+
+def test_cli_train_fine_tunes_with_cached_features(synth: Path, tiny_base: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(tiny_base), "--method", "flexattn", "-o", "hr_size=192", "-o", "first_layer=2",
+            "-o", "pool=3", "--data", str(synth / "train.json"), "--out", str(out), "--steps", "6",
+            "--batch-size", "4", "--lr", "3e-3", "--warmup", "1", "--checkpoint-every", "3"]
+    assert main(argv) == 0
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [6] and np.isfinite(log[-1]["loss"])
+    assert (out / "checkpoint-3" / "model.safetensors").is_file()
+    tuned = loupe.from_pretrained(out / "final")
+    base = loupe.from_pretrained(tiny_base, "flexattn", hr_size=192, first_layer=2, pool=3)
+    assert torch.equal(tuned.vision_tower.embeddings.patch_embedding.weight,
+                       base.vision_tower.embeddings.patch_embedding.weight)  # the encoder stayed frozen
+    assert not torch.equal(tuned.method.layers["2"].k_proj.weight, base.method.layers["2"].k_proj.weight)
+    assert main(argv) == 2  # refuses to overwrite a trained model
+
+
+def test_training_lowers_the_loss(synth: Path, tiny_base: Path) -> None:
+    from loupe.train import PixelImages
+    model = loupe.from_pretrained(tiny_base, dtype=torch.float32)
+    tok = loupe.Tokenizer.from_folder(tiny_base, 4)
+    samples, paths = tokenize(read_llava(synth / "train.json")[:4], tok, 64)
+    cfg = TrainConfig(steps=30, batch_size=4, lr=3e-3, warmup=3, train=("vision_tower", "projector", "decoder"),
+                      log_every=5)
+    log = train(model, samples, PixelImages(paths, 64, progress=False), cfg, tok.pad_id, progress=False)
+    assert log[-1]["loss"] < 0.5 * log[0]["loss"]  # memorises 4 conversations
+
+
+def test_nan_loss_stops_without_saving(synth: Path, tiny_base: Path, tmp_path: Path) -> None:
+    from loupe.train import PixelImages
+    model = loupe.from_pretrained(tiny_base, dtype=torch.float32)
+    with torch.no_grad():
+        model.decoder.lm_head.weight.fill_(float("nan"))
+    tok = loupe.Tokenizer.from_folder(tiny_base, 4)
+    samples, paths = tokenize(read_llava(synth / "train.json")[:2], tok, 64)
+    with pytest.raises(loupe.LoupeError, match="loss became nan at step 0"):
+        train(model, samples, PixelImages(paths, 64, progress=False), TrainConfig(steps=2, batch_size=2),
+              tok.pad_id, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "final").exists()
+
+
+# ---- the reproduction -------------------------------------------------------------------------
+def test_reproduce_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "rep"
+    assert main(["reproduce", "--quick", "--out", str(out)]) == 0
+    report = json.loads((out / "results.json").read_text())
+    labels = [r["label"] for r in report["runs"]]
+    assert labels == ["lowres", "hd", "xattn", "flexattn", "flexattn-random", "flexattn-center", "flexattn@2x",
+                      "flexattn@4x"]
+    by = {r["label"]: r for r in report["runs"]}
+    assert by["flexattn"]["gflops"] < by["hd"]["gflops"] and by["flexattn@2x"]["gflops"] < by["flexattn@4x"]["gflops"]
+    assert 0 < by["flexattn"]["accuracy"]["selected_fraction"] <= 1
+    assert by["hd"]["accuracy"]["selected_fraction"] is None
+    assert len(report["claims"]) == 6 and (out / "results.png").stat().st_size > 1000
+    assert "| flexattn-center |" in (out / "results.md").read_text() and "| flexattn |" in capsys.readouterr().out
+    assert main(["reproduce", "--quick", "--out", str(out)]) == 2
+    assert "already holds results" in capsys.readouterr().err
