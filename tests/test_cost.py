@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import loupe
-from loupe.cost import PRESETS, count_flops, estimate
+from loupe.cost import PRESETS, count_flops, estimate, measured_selection
 from loupe.flops import Workload
 from loupe.methods import method_options
 from loupe.tiny import tiny_config
@@ -44,8 +44,7 @@ def request(model: loupe.VLM, batch: int = 1) -> tuple[torch.Tensor, torch.Tenso
 
 
 def mean_fraction(info: dict) -> float:
-    fractions = info.get("selected_fraction", {})
-    return float(torch.stack(list(fractions.values())).mean()) if fractions else 0.1
+    return measured_selection(info) or 0.1
 
 
 def close(analytic: float, counted: int) -> None:

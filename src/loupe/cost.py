@@ -176,6 +176,15 @@ def _equivalent_tokens(t: TextConfig, macs: float) -> float:
     return (-b + math.sqrt(b * b - 4 * a * c)) / (2 * a)
 
 
+def measured_selection(info: dict[str, Any]) -> float | None:
+    """A run's selected fraction for `Workload.selected`: the mean over layers and samples of
+    the per-layer selection masks a method reported in `VLMOutput.info` (None if it selects nothing)."""
+    fractions = info.get("selected_fraction")
+    if not fractions:
+        return None
+    return float(torch.stack([f.float().mean() for f in fractions.values()]).mean())
+
+
 # ---- the real count -------------------------------------------------------------------
 def _cpu_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None,
                     **kwargs: Any) -> int:
