@@ -169,3 +169,10 @@ def test_reproduce_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "| flexattn-center |" in (out / "results.md").read_text() and "| flexattn |" in capsys.readouterr().out
     assert main(["reproduce", "--quick", "--out", str(out)]) == 2
     assert "already holds results" in capsys.readouterr().err
+
+
+def test_cli_data_synth(synth: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "synth", "--out", str(tmp_path / "s"), "--n", "3", "--seed", "1"]) == 0
+    assert json.loads((tmp_path / "s" / "synth.json").read_text())["splits"] == {"train": 3, "val": 20, "test": 20}
+    assert main(["data", "synth", "--out", str(synth), "--n", "3"]) == 2  # never silently mixes datasets
+    assert "already holds a dataset" in capsys.readouterr().err
