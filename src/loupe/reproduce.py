@@ -19,7 +19,6 @@ accuracy against FLOPs), the dataset, the base checkpoint and each run's log and
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Sequence
@@ -293,7 +292,3 @@ def print_report(report: dict[str, Any], out: Path) -> None:
     print(claims_table(report["claims"]))
     print(f"\n{report['seconds']:.0f} s on {report['machine'].get('cpu', '?')}; results in {out}/results.json, "
           f"results.md, results.png")
-
-
-def load_report(out: Path) -> dict[str, Any]:
-    return json.loads((out / "results.json").read_text())

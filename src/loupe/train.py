@@ -31,7 +31,6 @@ from loupe.checkpoints import save_pretrained
 from loupe.data.llava import Example
 from loupe.errors import LoupeError
 from loupe.images import ImageProcessor, load_image
-from loupe.methods import ImageInputs
 from loupe.text import IMAGE_PLACEHOLDER, Tokenizer
 from loupe.vlm import VLM
 
@@ -197,10 +196,6 @@ class FeatureImages:
     def model_inputs(self, indices: list[int]) -> dict[str, Any]:
         chosen = {k: v[indices].to(self.model.device, self.model.dtype) for k, v in self.features.items()}
         return {"images": self.model.method.assemble(chosen)}
-
-    def inputs(self, indices: list[int]) -> ImageInputs:
-        return self.model_inputs(indices)["images"]
-
 
 # ---- the loop -------------------------------------------------------------------------------
 def select_trainable(model: VLM, prefixes: Sequence[str]) -> list[torch.nn.Parameter]:
