@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from loupe.config import VLMConfig
-from loupe.cost import Preset, estimate
+from loupe.cost import Preset, estimate, measured_selection
 from loupe.errors import LoupeError
 from loupe.flops import Workload
 from loupe.methods import Method, MethodConfig, build_method, method_options
@@ -192,13 +192,6 @@ class Sample:
     fresh: float | None  # fraction of HR tokens a decode step projected anew
 
 
-def _mean_info(info: dict[str, Any], key: str) -> float | None:
-    values = info.get(key)
-    if isinstance(values, dict):
-        return float(torch.stack([v.float().mean() for v in values.values()]).mean()) if values else None
-    return None if values is None else float(values)
-
-
 @torch.inference_mode()
 def run_once(model: VLM, ids: torch.Tensor, pixels: torch.Tensor, new_tokens: int) -> Sample:
     """One prefill from pixels and `new_tokens - 1` decode steps."""
@@ -212,10 +205,10 @@ def run_once(model: VLM, ids: torch.Tensor, pixels: torch.Tensor, new_tokens: in
             for _ in range(new_tokens - 1):
                 step = model(tok, cache=cache, last_only=True)
                 tok = step.logits[:, -1].argmax(-1, keepdim=True)
-                fresh.append(_mean_info(step.info, "projected_fraction"))
+                fresh.append(step.info.get("projected_fraction"))
     per_step = decode.seconds / max(1, new_tokens - 1)
     known = [f for f in fresh if f is not None]
-    return Sample(prefill.seconds, per_step, mem.peak_bytes, _mean_info(out.info, "selected_fraction"),
+    return Sample(prefill.seconds, per_step, mem.peak_bytes, measured_selection(out.info),
                   statistics.fmean(known) if known else None)
 
 

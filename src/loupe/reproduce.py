@@ -124,7 +124,7 @@ def train_base(out: Path, examples: Sequence[Example], tok: Tokenizer, plan: Pla
     images = PixelImages(paths, NATIVE, progress)
     cfg = TrainConfig(**{**asdict(plan.base), "seed": seed})
     train(model, samples, images, cfg, tok.pad_id, out, progress, desc="base")
-    (out / "final" / "tokenizer.json").write_bytes((out.parent / "data" / "tokenizer" / "tokenizer.json").read_bytes())
+    (out / "final" / "tokenizer.json").write_bytes(tok.inner.to_str().encode())
     return out / "final"
 
 
@@ -159,16 +159,16 @@ def finetune(run: Run, base: Path, train_ex: Sequence[Example], test_ex: Sequenc
                       tok, progress=progress)
     summary = result.summary()
     write_json(out / "predictions.json", [asdict(p) for p in result.predictions])
-    cost = estimate(model.cfg, model.method.options, _workload(test_samples, summary["selected_fraction"]))
+    cost = estimate(model.cfg, model.method.options, _workload(test_samples, tok.image_token_id, summary["selected_fraction"]))
     latency = prefill_latency(model, test_ex[: plan.latency_samples], tok)
     res = RunResult(run.label, cost.method, summary, cost.total / 1e9, latency * 1e3, seconds, log[-1]["loss"])
     write_json(out / "metrics.json", asdict(res))
     return res
 
 
-def _workload(samples: Sequence[Sample], selected: float | None) -> Workload:
+def _workload(samples: Sequence[Sample], image_token_id: int, selected: float | None) -> Workload:
     """The test split's mean prompt text tokens and answer tokens (with </s>)."""
-    text = sum(s.prompt_length - s.ids.count(4) for s in samples) / len(samples)
+    text = sum(s.prompt_length - s.ids.count(image_token_id) for s in samples) / len(samples)
     answer = sum(sum(s.scored) for s in samples) / len(samples)
     return Workload(prompt_tokens=round(text), new_tokens=max(1, round(answer)), selected=selected or 0.1)
 

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from loupe.checkpoints import save_pretrained
 from loupe.data.llava import Example
 from loupe.errors import LoupeError
+from loupe.files import write_json
 from loupe.images import ImageProcessor, load_image
 from loupe.text import IMAGE_PLACEHOLDER, Tokenizer
 from loupe.vlm import VLM
@@ -251,7 +252,7 @@ def train(model: VLM, samples: Sequence[Sample], images: ImageSource, cfg: Train
     out = Path(out) if out is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        write_json(out / "train_config.json", asdict(cfg))
     log: list[dict[str, Any]] = []
     order = batches(len(samples), cfg.batch_size, cfg.seed)
     set_gate = getattr(model.method, "set_gate", None)
