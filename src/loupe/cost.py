@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from loupe.config import TextConfig, VisionConfig, VLMConfig
 from loupe.errors import LoupeError
-from loupe.flops import Workload, decoder_layer, image_token_macs, lm_head, projector, vision_pass
+from loupe.flops import CostPlan, Workload, decoder_layer, image_token_macs, lm_head, projector, vision_pass
 from loupe.methods import METHODS, MethodConfig
 from loupe.tiny import synth_tiny_config, tiny_config
 
@@ -129,21 +129,22 @@ def estimate(cfg: VLMConfig, options: MethodConfig, workload: Workload | None = 
     plan = METHODS[options.name].cost_plan(cfg, options, w)
     t = cfg.text
     seq = w.prompt_tokens + plan.image_tokens  # prompt length P
-    image_macs = t.num_layers * image_token_macs(t, plan.image_tokens)
-    image_macs += sum(v for k, v in plan.prefill_extra(seq).items() if k in plan.image_parts) / 2
+    image_layers = t.num_layers if plan.image_layers is None else plan.image_layers
+    image_extras = {k: v / 2 for k, v in plan.prefill_extra(seq).items() if k in plan.image_parts}
+    image_macs = image_layers * image_token_macs(t, plan.image_tokens) + sum(image_extras.values())
     if convention == "image-macs":
-        parts = {"image_tokens": t.num_layers * image_token_macs(t, plan.image_tokens),
-                 **{k: v / 2 for k, v in plan.prefill_extra(seq).items() if k in plan.image_parts}}
+        parts = {"image_tokens": image_layers * image_token_macs(t, plan.image_tokens), **image_extras}
         per_token = 0.0
     else:
+        prefill_llm = plan.prefill_llm or (lambda n: t.num_layers * decoder_layer(t, n, n))
+        step = _step_cost(t, plan)
         parts = {name: passes * vision_pass(cfg, side, class_token) for name, (side, passes) in plan.vision.items()}
         parts["projector"] = projector(cfg, plan.projector_rows)
-        parts["prefill.llm"] = t.num_layers * decoder_layer(t, seq, seq)
+        parts["prefill.llm"] = prefill_llm(seq)
         parts["prefill.lm_head"] = lm_head(t, seq if w.lm_head == "all" else 1)
         parts.update({f"prefill.{k}": v for k, v in plan.prefill_extra(seq).items()})
-        decode = _decode(t, plan.decode_extra, seq, max(0, w.new_tokens - 1))
-        per_token = _decode_step(t, plan.decode_extra, seq + 1) if w.new_tokens <= 1 else \
-            sum(decode.values()) / (w.new_tokens - 1)
+        decode = _decode(step, seq, max(0, w.new_tokens - 1))
+        per_token = sum(step(seq + 1).values()) if w.new_tokens <= 1 else sum(decode.values()) / (w.new_tokens - 1)
         parts.update(decode)
     method = options.to_dict()
     if hasattr(options, "resolved_hr_size"):
@@ -152,19 +153,17 @@ def estimate(cfg: VLMConfig, options: MethodConfig, workload: Workload | None = 
                 w.batch * per_token, plan.image_tokens, _equivalent_tokens(t, image_macs))
 
 
-def _decode_step(t: TextConfig, extra: Callable[[int], dict[str, float]], keys: int) -> float:
-    return t.num_layers * decoder_layer(t, 1, keys) + lm_head(t, 1) + sum(extra(keys).values())
+def _step_cost(t: TextConfig, plan: CostPlan) -> Callable[[int], dict[str, float]]:
+    """Tk (keys incl. the new one) -> the parts of one decode step."""
+    llm = plan.decode_llm or (lambda keys: t.num_layers * decoder_layer(t, 1, keys))
+    return lambda keys: {"llm": llm(keys), "lm_head": lm_head(t, 1), **plan.decode_extra(keys)}
 
 
-def _decode(t: TextConfig, extra: Callable[[int], dict[str, float]], seq: int, steps: int) -> dict[str, float]:
+def _decode(step: Callable[[int], dict[str, float]], seq: int, steps: int) -> dict[str, float]:
     """Parts of `steps` decode steps after a prompt of `seq` tokens (step j sees seq + j keys)."""
-    if steps == 0:
-        return {}
-    keys = [seq + j for j in range(1, steps + 1)]
-    parts = {"decode.llm": t.num_layers * sum(decoder_layer(t, 1, k) for k in keys),
-             "decode.lm_head": steps * lm_head(t, 1)}
-    for k in keys:
-        for name, v in extra(k).items():
+    parts: dict[str, float] = {}
+    for k in range(seq + 1, seq + steps + 1):
+        for name, v in step(k).items():
             parts[f"decode.{name}"] = parts.get(f"decode.{name}", 0.0) + v
     return parts
 

@@ -33,6 +33,7 @@ class Prediction:
     correct: bool
     meta: dict[str, Any]
     selected: float | None  # mean selected fraction of HR tokens at prefill (methods that select)
+    sa_layers: int | None = None  # VISOR: SA layers the sample ran
 
 
 @dataclass
@@ -49,12 +50,16 @@ class EvalResult:
 
     def summary(self) -> dict[str, Any]:
         selected = [p.selected for p in self.predictions if p.selected is not None]
+        sa = {kind: [p.sa_layers for p in self.predictions if p.sa_layers is not None
+                     and (kind == "all" or p.meta.get("kind") == kind)] for kind in ("all", "easy", "hard")}
         return {"easy": self.accuracy(kind="easy"), "hard": self.accuracy(kind="hard"),
                 "overall": self.accuracy(),
                 "hard_small": self.accuracy(kind="hard", size="small"),
                 "hard_large": self.accuracy(kind="hard", size="large"),
                 "n": len(self.predictions), "n_hard": self.count(kind="hard"),
-                "selected_fraction": statistics.fmean(selected) if selected else None}
+                "selected_fraction": statistics.fmean(selected) if selected else None,
+                **{f"sa_layers_{kind}" if kind != "all" else "sa_layers": statistics.fmean(v) if v else None
+                   for kind, v in sa.items()}}
 
 
 @torch.inference_mode()
@@ -72,12 +77,14 @@ def evaluate(model: VLM, samples: Sequence[Sample], images: ImageSource, tok: To
         out = generate(model, ids, attention_mask=mask, sampling=sampling, info=info,
                        **images.model_inputs([s.image for s in chunk]))
         fractions = _per_sample_fraction(info, len(chunk))
+        sa_layers = info["sa_layers"].tolist() if "sa_layers" in info else None
         for row, s in enumerate(chunk):
             assert s.example is not None
             answer = s.example.answer
             text = tok.decode([t for t in out[row].tolist() if t not in stops])
             result.predictions.append(Prediction(s.example.id, answer, text, normalise(text) == normalise(answer),
-                                                 s.example.meta, fractions[row] if fractions else None))
+                                                 s.example.meta, fractions[row] if fractions else None,
+                                                 sa_layers[row] if sa_layers else None))
     return result
 
 

@@ -33,6 +33,7 @@ class Workload:
     memoised: bool = True  # FlexAttention: decode steps reuse the HR keys/values projected before
     fresh: float = 0.0  # with memoised: fraction of HR tokens a decode step projects anew (0: selection repeats)
     lm_head: Literal["last", "all"] = "last"  # prefill logits for the last position only, or for all
+    mix: tuple[float, ...] | None = None  # VISOR router: fraction of samples per configuration (cheapest first)
 
     def __post_init__(self) -> None:
         for name in ("prompt_tokens", "new_tokens"):
@@ -46,12 +47,17 @@ class Workload:
             raise LoupeError(f"fresh={self.fresh} must be in [0, selected={self.selected}]")
         if self.lm_head not in ("last", "all"):
             raise LoupeError(f"lm_head={self.lm_head!r}; choose 'last' or 'all'")
+        if self.mix is not None:
+            object.__setattr__(self, "mix", tuple(float(f) for f in self.mix))
+            if any(not 0 <= f <= 1 for f in self.mix) or abs(sum(self.mix) - 1) > 1e-6:
+                raise LoupeError(f"mix={list(self.mix)} must be fractions in [0, 1] that sum to 1")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 Extras = Callable[[int], dict[str, float]]
+Layers = Callable[[int], float]
 
 
 def _none(_: int) -> dict[str, float]:
@@ -68,6 +74,10 @@ class CostPlan:
     prefill_extra: Extras = _none  # T (sequence length) -> the method's extra parts of a prefill
     decode_extra: Extras = _none  # Tk (keys incl. the new one) -> extra parts of one decode step
     image_parts: tuple[str, ...] = field(default=())  # extras counted as image cost (image-macs convention)
+    # Methods whose decoder layers do not all run over the whole sequence (VISOR) give their own:
+    prefill_llm: Layers | None = None  # T -> FLOPs of the decoder layers at prefill (None: every layer, T rows)
+    decode_llm: Layers | None = None  # Tk -> FLOPs of the decoder layers of one decode step
+    image_layers: float | None = None  # layers the image tokens run through (image-macs; None: all)
 
 
 # ---- formulas (FLOPs for one sample) --------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -257,12 +258,14 @@ def train(model: VLM, samples: Sequence[Sample], images: ImageSource, cfg: Train
     order = batches(len(samples), cfg.batch_size, cfg.seed)
     set_gate = getattr(model.method, "set_gate", None)
     model.train()
-    start, running = time.perf_counter(), []
+    start, running, drawn = time.perf_counter(), [], Counter()
+    hook_gen = torch.Generator().manual_seed(cfg.seed + 1)
     bar = tqdm(range(cfg.steps), desc=desc, unit="step", disable=not progress, leave=False)
     for step in bar:
         idx = next(order)
         if set_gate is not None:
             set_gate(step * len(idx) / len(samples), cfg.gate_warmup)
+        drawn.update(str(v) for v in model.method.on_train_step(hook_gen).values())
         loss = loss_of(model, collate([samples[i] for i in idx], pad_id), images)
         if not torch.isfinite(loss):
             raise LoupeError(f"the loss became {loss.item()} at step {step}; nothing was saved after the last "
@@ -277,8 +280,10 @@ def train(model: VLM, samples: Sequence[Sample], images: ImageSource, cfg: Train
             row = {"step": step + 1, "loss": sum(running) / len(running), "lr": sched.get_last_lr()[0],
                    "grad_norm": float(norm), "epoch": (step + 1) * len(idx) / len(samples),
                    "seconds": time.perf_counter() - start}
+            if drawn:
+                row["drawn"] = dict(sorted(drawn.items()))  # what the method drew per step (VISOR: configurations)
             log.append(row)
-            running = []
+            running, drawn = [], Counter()
             bar.set_postfix(loss=f"{row['loss']:.3f}")
             if out is not None:
                 with open(out / "train_log.jsonl", "a") as f:

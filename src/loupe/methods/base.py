@@ -115,12 +115,29 @@ class Method(nn.Module):
     def init_from_base(self, vlm: VLM) -> None:
         """Initialise new weights from the base model's (called by `loupe convert`)."""
 
+    def on_train_step(self, gen: torch.Generator) -> dict[str, Any]:
+        """Called by `loupe.train` before each step (e.g. VISOR draws the step's
+        configuration); returns what to log for the step."""
+        return {}
+
     @classmethod
     def cost_plan(cls, cfg: VLMConfig, options: MethodConfig, workload: Workload) -> CostPlan:
         """How this method spends compute, for `loupe.cost` (a classmethod: costing a 13B
         preset builds no weights). The base is plain LLaVA: one native-size encoder pass."""
         n = cfg.tokens_per_image
         return CostPlan(image_tokens=n, vision={"vision.lr": (cfg.vision.image_size, 1)}, projector_rows=n)
+
+    @classmethod
+    def budgets(cls, cfg: VLMConfig, options: MethodConfig) -> list[MethodConfig]:
+        """The compute budgets one trained model of this method can run at (VISOR: one per
+        configuration), cheapest first; most methods have just the one."""
+        return [options]
+
+    @classmethod
+    def dense_reference(cls, cfg: VLMConfig, options: MethodConfig) -> MethodConfig | None:
+        """The same model spending full compute on all its image tokens, which `loupe flops`
+        reports a method's budgets against (None: no such reference)."""
+        return None
 
 
 METHODS: dict[str, type[Method]] = {}

@@ -36,6 +36,12 @@ class LayerCache:
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def truncate(self, length: int) -> None:
+        """Forget the positions from `length` on (VISOR's routing row, which no later row may see)."""
+        if not 0 <= length <= self.length:
+            raise LoupeError(f"cannot truncate a cache of {self.length} positions to {length}")
+        self.length = length
+
 
 class DecoderCache:
     """Everything a request keeps between forward calls.

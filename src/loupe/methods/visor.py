@@ -1,0 +1,527 @@
+"""`visor`: VISOR, VISion On Request (Bulat et al., CVPR 2026; DESIGN.md section 3).
+
+Shape legend: B batch, T new rows (text and visual, in sequence order), Tt text rows,
+Nv visual tokens per image (LR + HR), Tk keys, L decoder layers, W text width,
+H heads, D head dim, C configurations.
+
+Two streams. Text rows run through every decoder layer; the visual rows (all N LR and
+M HR tokens of the image, spliced in at the `<image>` position exactly as `hd` splices
+them) are kept out of the text stream except at:
+- SA layers (`sa_layers`): the full decoder layer over the joint sequence - the ONLY place
+  the visual rows are updated, and where text sees them as ordinary keys;
+- CA layers (`ca_layers`): before the layer's own text-only pass, the text rows get
+  t + tanh(gate) * CrossAttn(norm(t), V'), V' = norm(V) + DWConv_7(norm(V)) (a conditional
+  position embedding over the visual sequence). The gate starts at 0, so a converted model
+  adds nothing until trained.
+Every other layer (and an SA layer a sample does not run) is text-only: text rows attend
+to text keys only.
+
+Positions and order: the joint sequence is the prompt in its own order, so an SA layer is
+the standard decoder layer over it, and with every layer SA and no CA layer the model IS
+`hd` (tiles): the starting point a LLaVA checkpoint gives. Text keeps its positions at
+text-only layers. In CA every text row sees every visual token (the image is given before
+any answer is produced).
+
+Configurations: a configuration is the set of SA layers a sample runs; any subset of
+`sa_layers` can run, and a batch may mix them (a layer that any sample runs as SA
+computes the joint rows for the batch, with the visual keys hidden from, and the visual
+rows left unchanged for, the samples that skip it - exact, and wasted work only for
+mixed batches). `configurations` lists the budgets the model is trained for and the
+router chooses among (cheapest first); `configuration` says which runs: "max", "min",
+an index, "sample" (training: one configuration drawn per step) or "router".
+
+Router: a learned routing token is appended after the prompt for the layers before the
+first SA layer (it sees the prompt, and the image through the CA layers; no row sees it,
+and its cache entries are dropped), and a small MLP on its hidden state there picks the
+configuration per sample (argmax). It is trained offline (`loupe.visor_train`).
+
+Generation: CA keys/values are projected once per request from the visual stream as it is
+at that layer; each layer's KV cache holds what that layer attends to - the joint
+sequence at layers some sample ran as SA, only the text rows elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from loupe.config import TextConfig, VLMConfig
+from loupe.errors import ConfigError, LoupeError
+from loupe.flops import CostPlan, Workload, attention, decoder_layer, linear
+from loupe.methods.base import ImageInputs, MethodConfig, Step, register
+from loupe.methods.hd import HDConfig
+from loupe.methods.highres import HighResMethod, check_hr_size, tiled_plan
+from loupe.methods.xattn import CrossAttention
+from loupe.nn.attention import decoder_mask
+from loupe.nn.decoder import AttnContext, RMSNorm
+from loupe.nn.rope import Rope
+
+if TYPE_CHECKING:
+    from loupe.vlm import VLM
+
+MODES = ("max", "min", "sample", "router")
+
+
+@dataclass
+class VisorConfig(MethodConfig):
+    name: ClassVar[str] = "visor"
+    hr_size: int = 0  # 0: 3x the native size, as k x k native tiles (LR + HR = 7290 tokens for LLaVA-OV at 1134)
+    ca_layers: list[int] | None = None  # None: L/3 layers spread uniformly over depth
+    sa_layers: list[int] | None = None  # None: L/3 layers, each the one after a CA layer
+    configurations: list[list[int]] | None = None  # SA subsets trained for, cheapest first; None: nested ladder
+    configuration: str | int = "max"  # max | min | sample | router | index into configurations
+    conv_kernel: int = 7  # conditional position embedding: depthwise 1-D convolution
+    router_hidden: int = 0  # 0: the text width
+
+    def resolved_hr_size(self, cfg: VLMConfig) -> int:
+        return self.hr_size or 3 * cfg.vision.image_size
+
+    def resolved_ca(self, cfg: VLMConfig) -> list[int]:
+        if self.ca_layers is not None:
+            return sorted(self.ca_layers)
+        layers = cfg.text.num_layers
+        n = max(1, layers // 3)
+        return [i * layers // n for i in range(n)]
+
+    def resolved_sa(self, cfg: VLMConfig) -> list[int]:
+        if self.sa_layers is not None:
+            return sorted(self.sa_layers)
+        ca = self.resolved_ca(cfg)
+        return [c + 1 for c in ca if c + 1 < cfg.text.num_layers and c + 1 not in ca]
+
+    def resolved_configurations(self, cfg: VLMConfig) -> list[list[int]]:
+        """The configurations, cheapest (fewest SA layers) first."""
+        sa = self.resolved_sa(cfg)
+        if self.configurations is None:
+            return [sa[:k] for k in range(len(sa) + 1)]
+        return sorted((sorted(c) for c in self.configurations), key=lambda c: (len(c), c))
+
+    def validate(self, cfg: VLMConfig) -> None:
+        check_hr_size(cfg, self.resolved_hr_size(cfg), tiled=True)
+        layers = cfg.text.num_layers
+        ca, sa = self.resolved_ca(cfg), self.resolved_sa(cfg)
+        for what, chosen in (("ca_layers", ca), ("sa_layers", sa)):
+            bad = [i for i in chosen if not isinstance(i, int) or not 0 <= i < layers]
+            if bad:
+                raise ConfigError(f"{what}={chosen} names layer(s) {bad} out of range: the model has {layers} "
+                                  f"decoder layers (0..{layers - 1})")
+            if len(set(chosen)) != len(chosen):
+                raise ConfigError(f"{what}={chosen} lists a layer twice")
+        if set(ca) & set(sa):
+            raise ConfigError(f"layer(s) {sorted(set(ca) & set(sa))} are both CA and SA layers; a layer is one kind")
+        configs = self.resolved_configurations(cfg)
+        for c in configs:
+            check_subset(c, sa)
+        if not configs or len({tuple(c) for c in configs}) != len(configs):
+            raise ConfigError(f"configurations={self.configurations} must be a non-empty list of distinct subsets")
+        if not (self.configuration in MODES or (isinstance(self.configuration, int)
+                                                 and 0 <= self.configuration < len(configs))):
+            raise ConfigError(f"configuration={self.configuration!r}: choose one of {list(MODES)} or an index "
+                              f"0..{len(configs) - 1} into the {len(configs)} configurations")
+        if self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
+            raise ConfigError(f"conv_kernel={self.conv_kernel} must be odd and positive")
+
+
+def check_subset(configuration: Sequence[int], sa_layers: Sequence[int]) -> None:
+    outside = sorted(set(configuration) - set(sa_layers))
+    if outside:
+        raise ConfigError(f"configuration {sorted(configuration)} is not a subset of the selectable SA layers "
+                          f"{sorted(sa_layers)}: layer(s) {outside} are not SA layers")
+
+
+class VisualCrossAttention(nn.Module):
+    """One CA layer: text queries, keys/values from the visual stream with its position embedding."""
+
+    def __init__(self, cfg: TextConfig, kernel: int) -> None:
+        super().__init__()
+        w = cfg.hidden_size
+        self.visual_norm = RMSNorm(w, cfg.rms_norm_eps)
+        self.position = nn.Conv1d(w, w, kernel, padding=kernel // 2, groups=w)  # depthwise
+        self.attn = CrossAttention(cfg)  # query pre-norm, q/k/v/o, zero-initialised tanh gate
+
+    def keys_values(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Visual stream (B, Nv, W) -> keys, values (B, H, Nv, D)."""
+        h = self.visual_norm(visual)
+        h = h + self.position(h.transpose(1, 2)).transpose(1, 2)  # (B, Nv, W)
+        return self.attn.keys_values(h)
+
+    def forward(self, text: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], kernel: str) -> torch.Tensor:
+        return text + self.attn(text, kv, kernel)  # (B, Tt, W)
+
+
+class Router(nn.Module):
+    """Routing-token hidden state (B, W) -> configuration logits (B, C)."""
+
+    def __init__(self, cfg: TextConfig, hidden: int, classes: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.fc1 = nn.Linear(cfg.hidden_size, hidden)
+        self.fc2 = nn.Linear(hidden, classes)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(h))))
+
+
+@dataclass
+class Streams:
+    """Where the two streams are in this call's rows, and the request's routing."""
+
+    text_idx: torch.Tensor  # (B, Tt) row index of each text row
+    visual_idx: torch.Tensor  # (B, Nv') row index of each visual row (Nv' = 0 on decode steps)
+    visual_cols: torch.Tensor  # (B, Tk) True at key columns (cached + new) holding visual tokens
+    sa: torch.Tensor  # (B, L) True where the sample runs the layer as SA
+
+
+@dataclass
+class RequestState:
+    """Kept in the cache between calls of one request."""
+
+    sa: torch.Tensor  # (B, L)
+    visual_cols: torch.Tensor  # (B, Tk)
+    joint: list[bool]  # per layer: does its cache hold the visual columns
+    ca_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+@register
+class Visor(HighResMethod):
+    name = "visor"
+    config_class = VisorConfig
+    options: VisorConfig
+
+    def __init__(self, cfg: VLMConfig, options: VisorConfig) -> None:
+        super().__init__(cfg, options)
+        t = cfg.text
+        self.ca_layers, self.sa_layers = options.resolved_ca(cfg), options.resolved_sa(cfg)
+        self.configurations = options.resolved_configurations(cfg)
+        self.cross = nn.ModuleDict({str(i): VisualCrossAttention(t, options.conv_kernel) for i in self.ca_layers})
+        self.route_token = nn.Parameter(torch.zeros(t.hidden_size))
+        self.router = Router(t, options.router_hidden or t.hidden_size, len(self.configurations))
+        self.forced: torch.Tensor | None = None  # (B, L) SA layers per sample, overriding `configuration`
+        self.sampled: int | None = None  # the configuration drawn for this training step ("sample")
+        self.stop_after_routing = False  # routing_states(): return once the routing state is known
+
+    # ---- images: LR + HR, all in the visual stream ----------------------------------------------------
+    def tokens_per_image(self) -> int:
+        return self.cfg.tokens_per_image + (self.hr_size // self.cfg.vision.patch_size) ** 2
+
+    def assemble(self, features: dict[str, torch.Tensor], image_sizes: torch.Tensor | None = None) -> ImageInputs:
+        return ImageInputs(torch.cat([features["lr"], features["hr"]], dim=1))  # (I, N + M, W)
+
+    # ---- configurations ----------------------------------------------------------------------------
+    def masks(self, configurations: Sequence[Sequence[int]]) -> torch.Tensor:
+        """SA-layer sets -> (len, L) bool masks; each must be a subset of the SA layers."""
+        out = torch.zeros(len(configurations), self.cfg.text.num_layers, dtype=torch.bool)
+        for row, c in enumerate(configurations):
+            check_subset(c, self.sa_layers)
+            out[row, list(c)] = True
+        return out.to(self.route_token.device)
+
+    @contextlib.contextmanager
+    def configured(self, configurations: Sequence[Sequence[int]]) -> Iterator[None]:
+        """Run each sample of the next forwards with its own SA layers (one set per sample,
+        or one set for the whole batch)."""
+        before, self.forced = self.forced, self.masks(configurations)
+        try:
+            yield
+        finally:
+            self.forced = before
+
+    def on_train_step(self, gen: torch.Generator) -> dict[str, Any]:
+        """Universal training ("sample"): draw one configuration for this step, uniformly."""
+        if self.options.configuration != "sample":
+            return {}
+        self.sampled = int(torch.randint(len(self.configurations), (1,), generator=gen))
+        return {"configuration": self.sampled}
+
+    def _fixed_choice(self) -> int | None:
+        mode = self.options.configuration
+        if isinstance(mode, int):
+            return mode
+        if mode == "sample":
+            return self.sampled if self.sampled is not None and self.training else len(self.configurations) - 1
+        return {"max": len(self.configurations) - 1, "min": 0}.get(mode)
+
+    # ---- the layer loop ----------------------------------------------------------------------------
+    def run_layers(self, vlm: VLM, x: torch.Tensor, step: Step) -> torch.Tensor:
+        streams, state = self._streams(step, x.shape[0])
+        t = x.gather(1, _rows(streams.text_idx, x))  # (B, Tt, W)
+        v = x.gather(1, _rows(streams.visual_idx, x))  # (B, Nv', W)
+        route = self._wants_routing(state, step)
+        if route:
+            t = torch.cat([t, self.route_token.to(t.dtype).expand(t.shape[0], 1, -1)], dim=1)  # (B, Tt+1, W)
+        for i, layer in enumerate(vlm.decoder.layers):
+            if route and i == self.sa_layers[0]:
+                t = self._route(t, streams, step, vlm)
+                route = False
+                if self.stop_after_routing:
+                    return x
+            cache = step.cache.layers[i] if step.cache is not None else None
+            if str(i) in self.cross:
+                t = self.cross[str(i)](t, self._cross_kv(i, v, state), step.ctx.kernel)
+            joint = bool(streams.sa[:, i].any()) if state is None or step.images is not None else state.joint[i]
+            if joint:
+                t, v = self._joint_layer(layer, t, v, streams, step, i, cache)
+            else:
+                t = layer(t, self._text_ctx(streams, step, extra=int(route)), cache)
+            if state is not None and step.images is not None:
+                state.joint.append(joint)
+        if route:  # no SA layer at all: the routing row is dropped unused
+            t = t[:, :-1]
+        if step.images is not None:
+            step.info.update(sa=streams.sa, sa_layers=streams.sa.sum(-1))  # (B, L), (B,)
+        return self._merge(t, v, streams, x)
+
+    def _streams(self, step: Step, batch: int) -> tuple[Streams, RequestState | None]:
+        memo = step.cache.method_state if step.cache is not None else {}
+        new_visual = step.image_mask  # (B, T)
+        counts = new_visual.sum(-1)
+        if step.images is not None:
+            if "visor" in memo:
+                raise LoupeError("visor takes its image in the first call of a request (the prefill)")
+            expected = self.tokens_per_image()
+            if bool((counts != expected).any()):
+                raise LoupeError(f"visor takes exactly one image per sample ({expected} image tokens); the batch "
+                                 f"holds {counts.tolist()} image tokens per sample")
+            sa = self._initial_sa(batch)
+            state = RequestState(sa, new_visual, []) if step.cache is not None else None
+            if state is not None:
+                memo["visor"] = state
+        else:
+            if "visor" not in memo:
+                raise LoupeError("visor needs an image: pass pixel_values (or encoded images) with the prompt")
+            state = memo["visor"]
+            state.visual_cols = torch.cat([state.visual_cols, new_visual], dim=1)
+            sa = state.sa
+        visual_cols = state.visual_cols if state is not None else new_visual
+        order = torch.sort(new_visual.to(torch.int8), dim=1, stable=True).indices  # text rows first, in order
+        tt = new_visual.shape[1] - int(counts[0]) if counts.numel() else new_visual.shape[1]
+        return Streams(order[:, :tt], order[:, tt:], visual_cols, sa), state
+
+    def _initial_sa(self, batch: int) -> torch.Tensor:
+        """(B, L) SA layers per sample before routing (routing fills them in at the first SA layer)."""
+        if self.forced is not None:
+            if self.forced.shape[0] not in (1, batch):
+                raise LoupeError(f"{self.forced.shape[0]} configurations given for a batch of {batch}")
+            return self.forced.expand(batch, -1).clone()
+        choice = self._fixed_choice()
+        if choice is None:  # router: decided before the first SA layer
+            return torch.zeros(batch, self.cfg.text.num_layers, dtype=torch.bool, device=self.route_token.device)
+        return self.masks([self.configurations[choice]]).expand(batch, -1).clone()
+
+    def _wants_routing(self, state: RequestState | None, step: Step) -> bool:
+        return (step.images is not None and self.forced is None and self._fixed_choice() is None
+                and bool(self.sa_layers))
+
+    def _route(self, t: torch.Tensor, streams: Streams, step: Step, vlm: VLM) -> torch.Tensor:
+        """Read the routing row, choose each sample's configuration, drop the row (and its cache entries)."""
+        state_h = t[:, -1]  # (B, W)
+        logits = self.router(state_h)  # (B, C)
+        choice = logits.argmax(-1)  # (B,)
+        streams.sa.copy_(self.masks(self.configurations)[choice])
+        step.info.update(routing_state=state_h, router_logits=logits, configuration=choice)
+        if step.cache is not None:
+            for layer_cache in step.cache.layers[: self.sa_layers[0]]:
+                layer_cache.truncate(layer_cache.length - 1)
+        return t[:, :-1]
+
+    def _text_ctx(self, streams: Streams, step: Step, extra: int = 0) -> AttnContext:
+        """Attention context of the text rows over the text keys (plus the routing row if `extra`)."""
+        tt = streams.text_idx.shape[1]
+        key_valid = step.key_valid[~streams.visual_cols].view(step.key_valid.shape[0], -1)  # (B, Tk_text)
+        rope = step.ctx.rope.select(streams.text_idx)
+        if extra:
+            b = key_valid.shape[0]
+            key_valid = torch.cat([key_valid, key_valid.new_ones(b, 1)], dim=1)
+            position = step.key_valid.long().sum(-1, keepdim=True)  # (B, 1) the position after the prompt
+            extra_rope = Rope.at(position, self.cfg.text.head_dim, self.cfg.text.rope_theta, rope.cos.dtype)
+            rope = Rope(torch.cat([rope.cos, extra_rope.cos], 1), torch.cat([rope.sin, extra_rope.sin], 1))
+        mask, causal = decoder_mask(key_valid, tt + extra)
+        return AttnContext(rope, mask, causal, step.ctx.kernel)
+
+    def _joint_layer(self, layer: nn.Module, t: torch.Tensor, v: torch.Tensor, streams: Streams, step: Step,
+                     i: int, cache: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full decoder layer over the joint rows, in sequence order; visual keys hidden from (and
+        visual rows kept for) the samples that do not run layer i as SA."""
+        sa = streams.sa[:, i, None]  # (B, 1)
+        key_valid = step.key_valid & ~(streams.visual_cols & ~sa)  # (B, Tk)
+        x = self._merge(t, v, streams, torch.empty(t.shape[0], t.shape[1] + v.shape[1], t.shape[2],
+                                                   dtype=t.dtype, device=t.device))
+        mask, causal = decoder_mask(key_valid, x.shape[1])
+        x = layer(x, AttnContext(step.ctx.rope, mask, causal, step.ctx.kernel), cache)  # (B, T, W)
+        new_v = x.gather(1, _rows(streams.visual_idx, x))
+        return x.gather(1, _rows(streams.text_idx, x)), torch.where(sa[..., None], new_v, v)
+
+    def _cross_kv(self, i: int, v: torch.Tensor, state: RequestState | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """CA keys/values of layer i from the visual stream as it is there; once per request."""
+        if state is not None and i in state.ca_kv:
+            return state.ca_kv[i]
+        if v.shape[1] == 0:
+            raise LoupeError("visor needs an image: pass pixel_values (or encoded images) with the prompt")
+        module = self.cross[str(i)]
+        kv = module.keys_values(v.to(module.attn.q_proj.weight.dtype))
+        if state is not None:
+            state.ca_kv[i] = kv
+        return kv
+
+    @staticmethod
+    def _merge(t: torch.Tensor, v: torch.Tensor, streams: Streams, out: torch.Tensor) -> torch.Tensor:
+        """Scatter the text rows (B, Tt, W) and visual rows (B, Nv', W) back into sequence order."""
+        out = out.scatter(1, _rows(streams.text_idx, t), t)
+        return out.scatter(1, _rows(streams.visual_idx, v), v) if v.shape[1] else out
+
+    # ---- routing ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def routing_states(self, vlm: VLM, **forward: Any) -> torch.Tensor:
+        """Routing-token hidden states (B, W) for a batch of prompts (`VLM.forward` arguments),
+        running only the layers before the first SA layer."""
+        if not self.sa_layers:
+            raise LoupeError("this visor model has no SA layers, so there is nothing to route")
+        before = (self.forced, self.options.configuration, self.stop_after_routing)
+        self.forced, self.options.configuration, self.stop_after_routing = None, "router", True
+        try:
+            out = vlm(last_only=True, **forward)
+        finally:
+            self.forced, self.options.configuration, self.stop_after_routing = before
+        return out.info["routing_state"]
+
+    def load_router(self, state: dict[str, torch.Tensor], configurations: list[list[int]]) -> None:
+        """Install a trained router; its configuration list must be this model's."""
+        mine = [sorted(c) for c in self.configurations]
+        theirs = [sorted(c) for c in configurations]
+        if mine != theirs:
+            raise LoupeError(f"the router was trained for configurations {theirs}, but this model has {mine}")
+        self.router.load_state_dict({k: v.to(self.route_token.dtype) for k, v in state.items()})
+
+    def set_configurations(self, configurations: list[list[int]]) -> None:
+        """Replace the trained-for configurations (after the viable search); the router is reset."""
+        self.options.configurations = [sorted(c) for c in configurations]
+        self.options.validate(self.cfg)
+        self.configurations = self.options.resolved_configurations(self.cfg)
+        t = self.cfg.text
+        router = Router(t, self.options.router_hidden or t.hidden_size, len(self.configurations))
+        self.router = router.to(self.route_token.device, self.route_token.dtype)
+        _init_router(self.router)
+
+    # ---- weights ------------------------------------------------------------------------------------
+    def init_from_base(self, vlm: VLM) -> None:
+        with torch.no_grad():
+            for module in self.cross.values():
+                c = module.attn
+                for lin in (c.q_proj, c.k_proj, c.v_proj, c.o_proj):
+                    nn.init.normal_(lin.weight, std=0.02)
+                c.norm.weight.fill_(1.0)
+                c.gate.zero_()
+                module.visual_norm.weight.fill_(1.0)
+                nn.init.normal_(module.position.weight, std=0.02)
+                module.position.bias.zero_()
+            self.route_token.copy_(vlm.decoder.embed_tokens.weight.float().mean(0))  # a neutral token
+            _init_router(self.router)
+
+    # ---- cost ---------------------------------------------------------------------------------------
+    @classmethod
+    def cost_plan(cls, cfg: VLMConfig, options: MethodConfig, workload: Workload) -> CostPlan:
+        """Per sample: SA layers over the joint sequence, every other layer over the text rows,
+        CA layers' queries over all visual tokens, their keys/values (with the position
+        convolution) once per request; the router's row and MLP when routing. A router's mix
+        of configurations is `workload.mix` (fractions in configuration order)."""
+        assert isinstance(options, VisorConfig)
+        plan, m = tiled_plan(cfg, options.resolved_hr_size(cfg))
+        nv = cfg.tokens_per_image + m
+        configs = options.resolved_configurations(cfg)
+        mix = _mix(options, workload, len(configs))
+        sa = options.resolved_sa(cfg)
+        routing = options.configuration == "router" and bool(sa)
+        layers = visor_layer_counts(cfg, configs, mix)  # layer -> fraction of samples running it as SA
+        t, ca = cfg.text, options.resolved_ca(cfg)
+        inner, w = t.num_heads * t.head_dim, t.hidden_size
+        hidden = options.router_hidden or w
+
+        def text_rows(text: int, i: int) -> int:
+            return text + (1 if routing and i < sa[0] else 0)
+
+        def llm_prefill(seq: int) -> float:
+            text = seq - nv
+            return sum(f * decoder_layer(t, seq, seq) + (1 - f) * decoder_layer(t, text_rows(text, i),
+                                                                                  text_rows(text, i))
+                       for i, f in enumerate(layers))
+
+        def llm_decode(keys: int) -> float:
+            return sum(f * decoder_layer(t, 1, keys) + (1 - f) * decoder_layer(t, 1, keys - nv) for f in layers)
+
+        def cross(rows: int) -> float:
+            return 2 * linear(rows, w, inner) + attention(rows, nv, t.num_heads, t.head_dim)
+
+        def prefill_extra(seq: int) -> dict[str, float]:
+            parts = {"cross_attention": sum(cross(text_rows(seq - nv, i)) for i in ca),
+                     "cross_kv": len(ca) * (2 * linear(nv, w, inner) + 2 * nv * w * options.conv_kernel)}
+            if routing:
+                parts["router"] = linear(1, w, hidden) + linear(1, hidden, len(configs))
+            return parts
+
+        plan.image_tokens = nv
+        plan.projector_rows = nv
+        plan.prefill_llm, plan.decode_llm = llm_prefill, llm_decode
+        plan.image_layers = sum(layers)
+        plan.prefill_extra = prefill_extra
+        plan.decode_extra = lambda keys: {"cross_attention": len(ca) * cross(1)}
+        plan.image_parts = ("cross_attention", "cross_kv")
+        return plan
+
+    @classmethod
+    def budgets(cls, cfg: VLMConfig, options: MethodConfig) -> list[MethodConfig]:
+        """One set of options per configuration, cheapest first."""
+        assert isinstance(options, VisorConfig)
+        n = len(options.resolved_configurations(cfg))
+        return [dataclasses.replace(options, configuration=k) for k in range(n)]
+
+    @classmethod
+    def dense_reference(cls, cfg: VLMConfig, options: MethodConfig) -> MethodConfig:
+        """The same model processing all its visual tokens in every layer: hd with the same tiles."""
+        assert isinstance(options, VisorConfig)
+        return HDConfig(hr_size=options.resolved_hr_size(cfg), tiles=True)
+
+
+def visor_layer_counts(cfg: VLMConfig, configurations: list[list[int]], mix: list[float]) -> list[float]:
+    """Per layer, the fraction of samples that run it as SA under a mix of configurations."""
+    out = [0.0] * cfg.text.num_layers
+    for c, share in zip(configurations, mix, strict=True):
+        for i in c:
+            out[i] += share
+    return out
+
+
+def _mix(options: VisorConfig, workload: Workload, n: int) -> list[float]:
+    mode = options.configuration
+    if workload.mix is not None:
+        if len(workload.mix) != n:
+            raise LoupeError(f"a mix of {len(workload.mix)} fractions for {n} configurations")
+        return list(workload.mix)
+    if mode == "router":
+        raise LoupeError("the cost of routed visor needs the router's mix of configurations (Workload.mix)")
+    index = {"max": n - 1, "min": 0, "sample": n - 1}.get(mode, mode)  # type: ignore[arg-type]
+    return [1.0 if k == index else 0.0 for k in range(n)]
+
+
+def _init_router(router: Router) -> None:
+    with torch.no_grad():
+        router.norm.weight.fill_(1.0)
+        for lin in (router.fc1, router.fc2):
+            nn.init.normal_(lin.weight, std=0.02)
+            lin.bias.zero_()
+
+
+def _rows(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Row index (B, R) -> gather/scatter index (B, R, W) for a (B, ., W) tensor."""
+    return index[..., None].expand(-1, -1, like.shape[-1])
+
+
+def all_subsets(layers: Sequence[int]) -> list[list[int]]:
+    """Every subset of `layers`, by size then lexicographically."""
+    return [list(c) for k in range(len(layers) + 1) for c in itertools.combinations(sorted(layers), k)]

@@ -1,0 +1,249 @@
+"""VISOR's training beyond `loupe.train`: the viable-configuration search, the router's
+pseudo-labels, and the router itself (DESIGN.md section 3).
+
+Universal training, in three steps:
+1. pretrain the maximum configuration (`loupe train --method visor -o configuration=max`);
+2. find the viable configurations: evaluate SA subsets on a validation split and keep, for
+   each number of SA layers, the best subset (`viable_configurations`; exhaustive up to
+   `EXHAUSTIVE` SA layers, greedy backward elimination beyond);
+3. fine-tune drawing one viable configuration per step (`configuration="sample"`, the
+   method's `on_train_step`); steps 2 and 3 are `loupe train --viable-from VAL.json`.
+
+The router is trained offline on a frozen universal model: every (image, question) of the
+training data is scored under every configuration, its label is the cheapest configuration
+whose score reaches 99% of the maximum configuration's (`router_labels`), and the MLP on
+the routing token's hidden state learns the labels with cross-entropy (`train_router`).
+Scores are exact-match accuracies in [0, 1] under teacher forcing: a sample scores 1 when
+every answer token (and its </s>) is the argmax, which is exactly when greedy decoding
+would produce the answer.
+
+Shape legend: S samples, C configurations, W text width.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from loupe.data.llava import Example
+from loupe.errors import LoupeError
+from loupe.evaluate import evaluate
+from loupe.files import write_json
+from loupe.methods.visor import Visor, all_subsets
+from loupe.text import Tokenizer
+from loupe.train import ImageSource, Sample, collate, tokenize
+from loupe.vlm import VLM
+
+EXHAUSTIVE = 6  # SA layers up to which every subset is evaluated (2^6 = 64 evaluations)
+RULE = 0.99  # a configuration is good enough for a sample at 99% of the maximum's score
+
+
+def visor_method(model: VLM) -> Visor:
+    if not isinstance(model.method, Visor):
+        raise LoupeError(f"this needs a visor model, not {model.method.name!r} (convert it with --method visor)")
+    return model.method
+
+
+# ---- viable configurations ------------------------------------------------------------------------
+@torch.no_grad()
+def viable_configurations(model: VLM, samples: Sequence[Sample], images: ImageSource, tok: Tokenizer,
+                          progress: bool = True) -> dict[str, Any]:
+    """Score SA subsets on `samples` (overall exact match, %) and keep the best per size.
+    Returns {"configurations": [...] cheapest first, "scores": {subset: accuracy}}."""
+    method = visor_method(model)
+    scores: dict[tuple[int, ...], float] = {}
+
+    def score(subset: Sequence[int]) -> float:
+        key = tuple(sorted(subset))
+        if key not in scores:
+            with method.configured([list(key)]):
+                scores[key] = float(evaluate(model, samples, images, tok, progress=False).summary()["overall"])
+        return scores[key]
+
+    sa = method.sa_layers
+    best: dict[int, tuple[int, ...]] = {}
+    if len(sa) <= EXHAUSTIVE:
+        subsets = all_subsets(sa)
+        for subset in tqdm(subsets, desc="viable", disable=not progress, leave=False):
+            score(subset)
+        for size in range(len(sa) + 1):
+            best[size] = max((tuple(s) for s in subsets if len(s) == size), key=lambda s: (scores[s], [-i for i in s]))
+    else:  # greedy backward elimination: drop the layer whose loss hurts least, one at a time
+        current = tuple(sa)
+        best[len(sa)] = current
+        score(current)
+        while current:
+            options = [tuple(i for i in current if i != drop) for drop in current]
+            current = max(options, key=score)
+            best[len(current)] = current
+    configurations = [list(best[size]) for size in sorted(best)]
+    return {"configurations": configurations, "scores": {",".join(map(str, k)): v for k, v in scores.items()}}
+
+
+# ---- router labels ------------------------------------------------------------------------------
+def single_turns(examples: Sequence[Example]) -> list[Example]:
+    """Every (image, question, answer) turn as its own one-turn example (the router decides per question)."""
+    out = []
+    for ex in examples:
+        for k, turn in enumerate(ex.turns):
+            out.append(Example(f"{ex.id}#{k}", ex.image, [turn], ex.meta if k == 0 else {**ex.meta, "turn": k}))
+    return out
+
+
+@torch.no_grad()
+def score_table(model: VLM, samples: Sequence[Sample], images: ImageSource, batch_size: int = 16,
+                progress: bool = True) -> torch.Tensor:
+    """(S, C) teacher-forced exact match (0 or 1) of every sample under every configuration."""
+    method = visor_method(model)
+    model.eval()
+    table = torch.zeros(len(samples), len(method.configurations))
+    chunks = [list(range(i, min(i + batch_size, len(samples)))) for i in range(0, len(samples), batch_size)]
+    bar = tqdm(total=len(chunks) * len(method.configurations), desc="scores", disable=not progress, leave=False)
+    for c, configuration in enumerate(method.configurations):
+        for idx in chunks:
+            batch = collate([samples[i] for i in idx], pad_id=0)
+            with method.configured([configuration]):
+                out = model(batch.input_ids.to(model.device), attention_mask=batch.attention_mask.to(model.device),
+                            **images.model_inputs(batch.images))
+            right = (out.logits.argmax(-1).cpu() == batch.targets) | ~batch.loss_rows  # (B, T)
+            table[idx, c] = right.all(-1).float()
+            bar.update()
+    bar.close()
+    return table
+
+
+def router_labels(scores: torch.Tensor, rule: float = RULE) -> torch.Tensor:
+    """(S, C) scores (configurations cheapest first, the last the maximum) -> (S,) the index of
+    the cheapest configuration whose score reaches `rule` x the maximum configuration's."""
+    if scores.dim() != 2 or scores.shape[1] == 0:
+        raise LoupeError(f"a score table must be (samples, configurations), got shape {tuple(scores.shape)}")
+    if bool((scores < 0).any()):
+        raise LoupeError("router scores must be non-negative (the 99% rule compares fractions of the maximum)")
+    good = scores >= rule * scores[:, -1:]  # (S, C); the maximum itself always qualifies
+    return good.float().argmax(-1)  # first True
+
+
+# ---- the router ---------------------------------------------------------------------------------
+@dataclass
+class RouterReport:
+    configurations: list[list[int]]
+    samples: int
+    label_counts: list[int]  # per configuration
+    train_accuracy: float  # % of samples whose label the router predicts
+    epochs: int
+    final_loss: float
+
+
+@torch.no_grad()
+def routing_states(model: VLM, samples: Sequence[Sample], images: ImageSource, batch_size: int = 32,
+                   progress: bool = True) -> torch.Tensor:
+    """(S, W) routing-token hidden states of the samples' prompts."""
+    method = visor_method(model)
+    model.eval()
+    states = []
+    for start in tqdm(range(0, len(samples), batch_size), desc="routing states", disable=not progress, leave=False):
+        chunk = samples[start:start + batch_size]
+        prompts = [Sample(s.ids[: s.prompt_length], [False] * s.prompt_length, s.image) for s in chunk]
+        batch = collate(prompts, pad_id=0)
+        states.append(method.routing_states(model, input_ids=batch.input_ids.to(model.device),
+                                            attention_mask=batch.attention_mask.to(model.device),
+                                            **images.model_inputs(batch.images)).float().cpu())
+    return torch.cat(states)
+
+
+def train_router(model: VLM, states: torch.Tensor, labels: torch.Tensor, epochs: int = 300, lr: float = 3e-3,
+                 seed: int = 0) -> RouterReport:
+    """Cross-entropy on (states (S, W), labels (S,)), full batch, AdamW; the router only."""
+    method = visor_method(model)
+    if states.shape[0] != labels.shape[0] or states.shape[0] == 0:
+        raise LoupeError(f"{states.shape[0]} routing states for {labels.shape[0]} labels")
+    torch.manual_seed(seed)
+    router = method.router
+    params = list(router.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    x = states.to(model.device, method.route_token.dtype)
+    y = labels.to(model.device)
+    router.train()
+    loss = torch.tensor(0.0)
+    for _ in range(epochs):
+        loss = F.cross_entropy(router(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    router.eval()
+    with torch.no_grad():
+        accuracy = 100 * float((router(x).argmax(-1) == y).float().mean())
+    counts = torch.bincount(labels, minlength=len(method.configurations)).tolist()
+    return RouterReport([list(c) for c in method.configurations], len(labels), counts, accuracy, epochs,
+                        float(loss))
+
+
+def save_router(model: VLM, folder: str | os.PathLike[str], report: RouterReport, overwrite: bool = False) -> Path:
+    """router.safetensors + router.json, written to a temporary folder that replaces `folder` whole."""
+    method = visor_method(model)
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise LoupeError(f"{folder} already exists; pass --overwrite to replace it")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in method.router.state_dict().items()}
+        save_file(state, str(tmp / "router.safetensors"))
+        meta = {"configurations": report.configurations, "sa_layers": method.sa_layers,
+                "ca_layers": method.ca_layers, "report": asdict(report)}
+        (tmp / "router.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def load_router(model: VLM, folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """Install the router saved in `folder` and switch the model to routing."""
+    method = visor_method(model)
+    folder = Path(folder)
+    files = folder / "router.json", folder / "router.safetensors"
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise LoupeError(f"{folder} is not a router folder: {', '.join(missing)} missing")
+    meta = json.loads(files[0].read_text())
+    method.load_router(load_file(str(files[1])), meta.get("configurations", []))
+    method.options.configuration = "router"
+    return meta
+
+
+def build_router(model: VLM, examples: Sequence[Example], images_for: Any, tok: Tokenizer,
+                 out: str | os.PathLike[str] | None = None, epochs: int = 300, seed: int = 0,
+                 progress: bool = True, overwrite: bool = False) -> tuple[RouterReport, dict[str, Any]]:
+    """Labels and router from training `examples`: `images_for(model, paths)` gives their image
+    source. Writes labels.json and the router to `out` when given."""
+    turns = single_turns(examples)
+    samples, paths = tokenize(turns, tok, model.method.tokens_per_image())
+    images = images_for(model, paths)
+    scores = score_table(model, samples, images, progress=progress)
+    labels = router_labels(scores)
+    states = routing_states(model, samples, images, progress=progress)
+    report = train_router(model, states, labels, epochs=epochs, seed=seed)
+    table = {"configurations": report.configurations, "rule": RULE,
+             "samples": [{"id": ex.id, "kind": ex.meta.get("kind"), "scores": scores[i].tolist(),
+                          "label": int(labels[i])} for i, ex in enumerate(turns)]}
+    if out is not None:
+        save_router(model, out, report, overwrite=overwrite)
+        write_json(Path(out) / "labels.json", table)
+    return report, table

@@ -1,0 +1,329 @@
+"""VISOR against an independent reference written from DESIGN.md section 3, and its
+equivalences: zero-gate CA = text-only, all-SA = hd, batched = per sample, cached =
+recomputed, routed = its chosen configurations; the router's labels; universal training;
+the cost model against the FLOP counter; bad input."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import loupe
+from loupe.cost import count_flops, estimate
+from loupe.errors import ConfigError, LoupeError
+from loupe.flops import Workload, decoder_layer
+from loupe.generation import SamplingConfig, generate
+from loupe.methods import method_options
+from loupe.nn.decoder import AttnContext
+from loupe.nn.rope import Rope
+from loupe.tiny import init_random_, tiny_config
+from loupe.visor_train import router_labels
+
+CFG = tiny_config(layers=4)  # 56 px native (16 LR tokens), GQA 4/2 heads
+HR = 112  # 2 x 2 tiles -> 64 HR tokens: 80 visual tokens per image
+PLACE = dict(ca_layers=[0, 2], sa_layers=[1, 3])
+SUBSETS = [[], [1], [3], [1, 3]]
+
+
+def visor(seed: int = 0, gate: float = 0.7, **opts) -> loupe.VLM:
+    torch.manual_seed(seed)
+    model = loupe.VLM(CFG, method_options("visor", hr_size=HR, **{**PLACE, **opts}))
+    init_random_(model, std=0.15)
+    model.method.init_from_base(model)
+    with torch.no_grad():
+        for module in model.method.cross.values():
+            module.attn.gate.fill_(gate)
+            for lin in (module.attn.q_proj, module.attn.k_proj, module.attn.v_proj, module.attn.o_proj):
+                lin.weight.normal_(0, 0.15)
+            module.position.weight.normal_(0, 0.3)
+        for p in model.method.router.parameters():
+            p.normal_(0, 1.0)
+    return model.eval()
+
+
+def request(model: loupe.VLM, lengths: tuple[int, ...] = (9,), seed: int = 1, before: int = 2
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded prompts with the image block after `before` text tokens; ids, mask, pixels."""
+    g = torch.Generator().manual_seed(seed)
+    n, t = model.method.tokens_per_image(), max(lengths) + model.method.tokens_per_image()
+    ids = torch.zeros(len(lengths), t, dtype=torch.long)
+    mask = torch.zeros(len(lengths), t, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        text = torch.randint(5, 200, (length,), generator=g)
+        seq = torch.cat([text[:before], torch.full((n,), CFG.image_token_id), text[before:]])
+        ids[row, t - len(seq):], mask[row, t - len(seq):] = seq, 1
+    return ids, mask, torch.randn(len(lengths), 3, HR, HR, generator=g)
+
+
+# ---- the reference: batch 1, no cache, eager, from the paper's equations -----------------------
+def rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def reference_ca(module, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """t + tanh(g) Wo softmax(q k^T / sqrt(d)) v, keys/values from norm(V) + DWConv7(norm(V))."""
+    a, eps, heads = module.attn, CFG.text.rms_norm_eps, CFG.text.num_heads
+    h = rms(v, module.visual_norm.weight, eps)  # (Nv, W)
+    h = h + F.conv1d(h.T[None], module.position.weight, module.position.bias, padding=3, groups=h.shape[1])[0].T
+    q = (rms(t, a.norm.weight, eps) @ a.q_proj.weight.T).view(len(t), heads, -1).transpose(0, 1)
+    k = (h @ a.k_proj.weight.T).view(len(h), heads, -1).transpose(0, 1)
+    val = (h @ a.v_proj.weight.T).view(len(h), heads, -1).transpose(0, 1)
+    p = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(q.shape[-1]), -1)
+    return t + torch.tanh(a.gate) * ((p @ val).transpose(0, 1).reshape(len(t), -1) @ a.o_proj.weight.T)
+
+
+def reference(model: loupe.VLM, ids: torch.Tensor, px: torch.Tensor, sa: list[int]) -> torch.Tensor:
+    """Logits (T, V) of one unpadded prompt: every layer on the text rows, the standard decoder
+    layer over the whole sequence at the SA layers of `sa`, CA before the CA layers."""
+    dec, method = model.decoder, model.method
+    image = ids[0] == CFG.image_token_id
+    x = dec.embed_tokens(ids.masked_fill(ids == CFG.image_token_id, 0))[0]
+    x[image] = method.encode(model, px).sequence[0]
+    pos = torch.arange(len(x))
+    rope = Rope.at(pos[None], CFG.text.head_dim, CFG.text.rope_theta, x.dtype)
+    text_rope = Rope.at(pos[~image][None], CFG.text.head_dim, CFG.text.rope_theta, x.dtype)
+    t, v = x[~image], x[image]
+    for i, layer in enumerate(dec.layers):
+        if str(i) in method.cross:
+            t = reference_ca(method.cross[str(i)], t, v)
+        if i in sa:
+            full = torch.empty_like(x)
+            full[~image], full[image] = t, v
+            full = layer(full[None], AttnContext(rope, None, True, "eager"))[0]
+            t, v = full[~image], full[image]
+        else:
+            t = layer(t[None], AttnContext(text_rope, None, True, "eager"))[0]
+    full = torch.empty_like(x)
+    full[~image], full[image] = t, v
+    return dec.logits(full)
+
+
+@pytest.mark.parametrize("sa", SUBSETS)
+@torch.no_grad()
+def test_every_configuration_matches_the_reference(sa: list[int]) -> None:
+    model = visor()
+    ids, _, px = request(model)
+    with model.method.configured([sa]):
+        out = model(ids, px)
+    torch.testing.assert_close(out.logits[0], reference(model, ids, px, sa), rtol=1e-4, atol=1e-4)
+    assert out.info["sa_layers"].tolist() == [len(sa)]
+
+
+@torch.no_grad()
+def test_text_only_layers_leave_the_visual_stream_untouched() -> None:
+    model = visor()
+    ids, _, px = request(model)
+    image = ids[0] == CFG.image_token_id
+    seen: list[torch.Tensor] = []
+    model.decoder.norm.register_forward_hook(lambda m, args, out: seen.append(args[0][0]))
+    with model.method.configured([[]]):
+        model(ids, px)
+    assert torch.equal(seen[-1][image], model.method.encode(model, px).sequence[0])  # never updated
+    with model.method.configured([[1]]):
+        model(ids, px)
+        before = seen[-1]
+        for p in model.decoder.layers[2].parameters():  # a text-only layer here
+            p.data.add_(0.5)
+        for p in model.decoder.layers[3].parameters():  # an SA layer the configuration skips
+            p.data.add_(0.5)
+        model(ids, px)
+    after = seen[-1]
+    assert torch.equal(after[image], before[image])
+    assert not torch.allclose(after[~image], before[~image])
+
+
+@torch.no_grad()
+def test_zero_gate_cross_attention_is_the_text_only_layer() -> None:
+    with_ca = visor(gate=0.0)
+    without = loupe.VLM(CFG, method_options("visor", hr_size=HR, ca_layers=[], sa_layers=[1, 3])).eval()
+    without.load_state_dict({k: v for k, v in with_ca.state_dict().items() if not k.startswith("method.")},
+                            strict=False)
+    without.method.route_token.data.copy_(with_ca.method.route_token)
+    ids, _, px = request(with_ca)
+    for sa in SUBSETS:
+        with with_ca.method.configured([sa]), without.method.configured([sa]):
+            torch.testing.assert_close(with_ca(ids, px).logits, without(ids, px).logits, rtol=0, atol=0)
+    opened = visor(gate=0.7)
+    with opened.method.configured([[1]]), with_ca.method.configured([[1]]):
+        assert not torch.allclose(opened(ids, px).logits, with_ca(ids, px).logits, atol=1e-3)
+
+
+@torch.no_grad()
+def test_every_layer_sa_without_ca_is_hd() -> None:
+    model = visor(ca_layers=[], sa_layers=[0, 1, 2, 3])
+    hd = loupe.VLM(CFG, method_options("hd", hr_size=HR, tiles=True)).eval()
+    hd.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("method.")})
+    ids, mask, px = request(model, lengths=(9, 5), before=1)
+    torch.testing.assert_close(model(ids, px, mask).logits, hd(ids, px, mask).logits, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_a_mixed_batch_equals_each_sample_alone() -> None:
+    model = visor()
+    ids, mask, px = request(model, lengths=(9, 4, 7, 6))
+    configs = [[], [1], [3], [1, 3]]
+    with model.method.configured(configs):
+        batched = model(ids, px, mask)
+    assert batched.info["sa_layers"].tolist() == [0, 1, 1, 2]
+    for row, sa in enumerate(configs):
+        keep = mask[row].bool()
+        with model.method.configured([sa]):
+            alone = model(ids[row:row + 1, keep], px[row:row + 1])
+        torch.testing.assert_close(batched.logits[row, keep], alone.logits[0], rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def spread_router(model: loupe.VLM, ids, mask, px) -> None:
+    """Centre the router's logits on this batch, so its samples pick different configurations."""
+    states = model.method.routing_states(model, input_ids=ids, pixel_values=px, attention_mask=mask)
+    model.method.router.fc2.bias.sub_(model.method.router(states).mean(0))
+
+
+def greedy_recompute(model: loupe.VLM, ids, mask, px, steps: int) -> torch.Tensor:
+    out = []
+    for _ in range(steps):
+        tok = model(ids, px, mask).logits[:, -1].argmax(-1, keepdim=True)
+        out.append(tok)
+        ids, mask = torch.cat([ids, tok], 1), torch.cat([mask, torch.ones_like(tok)], 1)
+    return torch.cat(out, 1)
+
+
+@torch.no_grad()
+def test_cached_generation_equals_recomputation_mixed_and_routed() -> None:
+    model = visor()
+    ids, mask, px = request(model, lengths=(9, 4, 7))
+    sampling = SamplingConfig(max_new_tokens=6)
+    configs = [[1, 3], [], [3]]
+    with model.method.configured(configs):
+        cached = generate(model, ids, px, mask, sampling=sampling)
+        assert torch.equal(cached, greedy_recompute(model, ids, mask, px, 6))
+    model.method.options.configuration = "router"
+    spread_router(model, ids, mask, px)
+    info: dict = {}
+    routed = generate(model, ids, px, mask, sampling=sampling, info=info)
+    chosen = [model.method.configurations[c] for c in info["configuration"].tolist()]
+    assert len({tuple(c) for c in chosen}) > 1, "the test wants a batch the router splits"
+    with model.method.configured(chosen):
+        assert torch.equal(routed, greedy_recompute(model, ids, mask, px, 6))
+
+
+@torch.no_grad()
+def test_the_routing_row_changes_no_output() -> None:
+    model = visor(configuration="router")
+    ids, mask, px = request(model, lengths=(9, 4, 7, 8), seed=3)
+    spread_router(model, ids, mask, px)
+    routed = model(ids, px, mask)
+    chosen = [model.method.configurations[c] for c in routed.info["configuration"].tolist()]
+    with model.method.configured(chosen):
+        forced = model(ids, px, mask)
+    assert len({tuple(c) for c in chosen}) > 1
+    torch.testing.assert_close(routed.logits, forced.logits, rtol=0, atol=0)
+    states = model.method.routing_states(model, input_ids=ids, pixel_values=px, attention_mask=mask)
+    assert torch.equal(model.method.router(states).argmax(-1), routed.info["configuration"])
+
+
+def test_router_labels_follow_the_99_percent_rule() -> None:
+    scores = torch.tensor([[0.2, 0.5, 0.995, 1.0],  # 0.995 >= 0.99 x 1.0
+                           [0.0, 0.0, 0.0, 0.0],  # the maximum scores nothing: the cheapest will do
+                           [1.0, 1.0, 1.0, 1.0],
+                           [0.1, 0.98, 0.5, 1.0],  # 98% is not enough: only the maximum
+                           [0.7, 0.9, 0.8, 0.8]])  # above the maximum counts
+    assert router_labels(scores).tolist() == [2, 0, 0, 3, 1]
+    with pytest.raises(LoupeError, match="non-negative"):
+        router_labels(-scores)
+
+
+def test_universal_training_draws_only_viable_configurations() -> None:
+    viable = [[], [3], [1, 3]]
+    model = visor(configurations=viable, configuration="sample").train()
+    ids, mask, px = request(model)
+    gen = torch.Generator().manual_seed(0)
+    drawn = set()
+    for _ in range(30):
+        index = model.method.on_train_step(gen)["configuration"]
+        drawn.add(index)
+        sa = model(ids, px, mask).info["sa"][0].nonzero()[:, 0].tolist()
+        assert sa == viable[index]
+    assert drawn == {0, 1, 2}
+    model.eval()
+    assert model(ids, px, mask).info["sa"][0].nonzero()[:, 0].tolist() == [1, 3]  # inference: the maximum
+
+
+@pytest.mark.parametrize("configuration", ["max", "min", 1, "router"])
+@torch.no_grad()
+def test_prefill_and_decode_flops_match_the_counter(configuration) -> None:
+    model = visor(configuration=configuration)
+    ids, _, px = request(model, lengths=(23,))
+    cache = model.new_cache(1, ids.shape[1] + 2)
+    out: dict = {}
+    prefill = count_flops(lambda: out.update(r=model(ids, px, cache=cache, last_only=True)))
+    tok = out["r"].logits[:, -1].argmax(-1, keepdim=True)
+    decode = count_flops(lambda: model(tok, cache=cache, last_only=True))
+    mix = None
+    if configuration == "router":
+        mix = [0.0] * len(model.method.configurations)
+        mix[int(out["r"].info["configuration"])] = 1.0
+    cost = estimate(CFG, model.method.options, Workload(23, new_tokens=2, mix=mix))
+    assert cost.prefill == prefill
+    assert cost.decode_per_token == decode
+
+
+def test_cost_of_budgets_and_a_mix() -> None:
+    options = method_options("visor", hr_size=HR, **PLACE)
+    costs = [estimate(CFG, method_options("visor", hr_size=HR, configuration=k, **PLACE), Workload(20))
+             for k in range(3)]
+    assert costs[0].part("prefill.llm") < costs[1].part("prefill.llm") < costs[2].part("prefill.llm")
+    mixed = estimate(CFG, method_options("visor", hr_size=HR, configuration="router", **PLACE),
+                     Workload(20, mix=(0.5, 0.0, 0.5)))
+    expected = (costs[0].part("prefill.llm") + costs[2].part("prefill.llm")) / 2
+    routing_row = decoder_layer(CFG.text, 21, 21) - decoder_layer(CFG.text, 20, 20)  # layer 0, before SA layer 1
+    assert mixed.part("prefill.llm") == pytest.approx(expected + routing_row, rel=1e-9)
+    hd = estimate(CFG, method_options("hd", hr_size=HR, tiles=True), Workload(20))
+    assert costs[-1].part("prefill.llm") < hd.part("prefill.llm")
+    with pytest.raises(LoupeError, match="mix"):
+        estimate(CFG, method_options("visor", hr_size=HR, configuration="router", **PLACE), Workload(20))
+    assert options.resolved_configurations(CFG) == [[], [1], [1, 3]]
+
+
+@pytest.mark.parametrize("opts, match", [
+    (dict(ca_layers=[0, 7]), r"ca_layers=\[0, 7\] names layer\(s\) \[7\] out of range"),
+    (dict(sa_layers=[-1, 2]), r"sa_layers=\[-1, 2\] names layer\(s\) \[-1\]"),
+    (dict(ca_layers=[1], sa_layers=[1, 3]), r"layer\(s\) \[1\] are both CA and SA"),
+    (dict(configurations=[[], [2]]), r"configuration \[2\] is not a subset of the selectable SA layers \[1, 3\]"),
+    (dict(configuration="fastest"), r"configuration='fastest'"),
+    (dict(configuration=5), r"configuration=5"),
+])
+def test_bad_placements_and_configurations(opts: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        loupe.VLM(CFG, method_options("visor", hr_size=HR, **{**PLACE, **opts}))
+
+
+@torch.no_grad()
+def test_bad_configurations_images_and_routers(tmp_path: Path) -> None:
+    from loupe.visor_train import RouterReport, load_router, save_router
+    model = visor()
+    ids, mask, px = request(model, lengths=(9, 5))
+    with pytest.raises(ConfigError, match=r"configuration \[0, 1\] is not a subset"):
+        with model.method.configured([[0, 1]]):
+            pass
+    with pytest.raises(LoupeError, match="3 configurations given for a batch of 2"):
+        with model.method.configured([[], [1], [3]]):
+            model(ids, px, mask)
+    with pytest.raises(LoupeError, match="needs an image"):
+        model(ids[:, -3:])
+    with pytest.raises(LoupeError, match="exactly one image per sample"):
+        block = torch.full((80,), CFG.image_token_id)
+        two = torch.cat([torch.tensor([5, 6]), block, torch.tensor([7]), block, torch.tensor([8])])
+        model(torch.stack([two, torch.full_like(two, 9)]), px)
+    other = visor(configurations=[[], [3], [1, 3]])
+    save_router(other, tmp_path / "router", RouterReport(other.method.configurations, 0, [], 0.0, 0, 0.0))
+    with pytest.raises(LoupeError, match=r"trained for configurations \[\[\], \[3\], \[1, 3\]\], but this model "
+                                         r"has \[\[\], \[1\], \[1, 3\]\]"):
+        load_router(model, tmp_path / "router")
+    assert model.method.options.configuration == "max"  # nothing changed
+    with pytest.raises(LoupeError, match="not a router folder"):
+        load_router(model, tmp_path)
