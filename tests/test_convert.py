@@ -16,7 +16,8 @@ from loupe.cli import main
 from loupe.release import from_flexattention_release
 from loupe.tiny import write_tiny_checkpoint
 
-OPTIONS = {"flexattn": ["-o", "pool=4", "-o", "threshold=40"], "hd": ["-o", "hr_size=84"], "xattn": []}
+OPTIONS = {"flexattn": ["-o", "pool=4", "-o", "threshold=40"], "hd": ["-o", "hr_size=84"], "xattn": [],
+           "visor": ["-o", "hr_size=112", "-o", "ca_layers=[0]", "-o", "sa_layers=[1]"]}
 
 
 @pytest.fixture(scope="module")

@@ -159,13 +159,19 @@ def test_reproduce_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["reproduce", "--quick", "--out", str(out)]) == 0
     report = json.loads((out / "results.json").read_text())
     labels = [r["label"] for r in report["runs"]]
-    assert labels == ["lowres", "hd", "xattn", "flexattn", "flexattn-random", "flexattn-center", "flexattn@2x",
-                      "flexattn@4x"]
+    assert labels[:8] == ["lowres", "hd", "xattn", "flexattn", "flexattn-random", "flexattn-center", "flexattn@2x",
+                          "flexattn@4x"]
+    assert labels[8] == "visor [SA none]" and labels[10] == "visor [SA 1,3]" and labels[11:] == ["visor-router"]
+    visor = [r for r in report["runs"] if r["label"].startswith("visor [")]
+    assert [r["accuracy"]["sa_layers"] for r in visor] == [0, 1, 2]
+    llm = [r["llm_prefill_gflops"] for r in visor]
+    assert llm == sorted(llm) and llm[-1] < report["runs"][1]["llm_prefill_gflops"]  # below hd's
+    assert (out / "runs" / "visor-router" / "router" / "router.safetensors").is_file()
     by = {r["label"]: r for r in report["runs"]}
     assert by["flexattn"]["gflops"] < by["hd"]["gflops"] and by["flexattn@2x"]["gflops"] < by["flexattn@4x"]["gflops"]
     assert 0 < by["flexattn"]["accuracy"]["selected_fraction"] <= 1
     assert by["hd"]["accuracy"]["selected_fraction"] is None
-    assert len(report["claims"]) == 6 and (out / "results.png").stat().st_size > 1000
+    assert len(report["claims"]) == 10 and (out / "results.png").stat().st_size > 1000
     assert "| flexattn-center |" in (out / "results.md").read_text() and "| flexattn |" in capsys.readouterr().out
     assert main(["reproduce", "--quick", "--out", str(out)]) == 2
     assert "already holds results" in capsys.readouterr().err
@@ -176,3 +182,44 @@ def test_cli_data_synth(synth: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert json.loads((tmp_path / "s" / "synth.json").read_text())["splits"] == {"train": 3, "val": 20, "test": 20}
     assert main(["data", "synth", "--out", str(synth), "--n", "3"]) == 2  # never silently mixes datasets
     assert "already holds a dataset" in capsys.readouterr().err
+
+
+# ---- VISOR's universal training and router through the command line ----------------------------
+def test_cli_visor_universal_training_router_and_generation(synth: Path, tiny_base: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from loupe.visor_train import RULE
+    common = ["--data", str(synth / "train.json"), "--steps", "3", "--batch-size", "4", "--warmup", "1"]
+    placement = ["-o", "hr_size=192", "-o", "ca_layers=[0,2]", "-o", "sa_layers=[1,3]"]
+    assert main(["train", "--model", str(tiny_base), "--method", "visor", *placement, "-o", "configuration=max",
+                 "--out", str(tmp_path / "max"), *common]) == 0
+    assert main(["train", "--model", str(tmp_path / "max" / "final"), "--viable-from", str(synth / "val.json"),
+                 "--out", str(tmp_path / "uni"), *common]) == 0
+    viable = json.loads((tmp_path / "uni" / "viable.json").read_text())
+    assert sorted(viable["scores"]) == ["", "1", "1,3", "3"]  # every subset scored on the validation split
+    assert [len(c) for c in viable["configurations"]] == [0, 1, 2]  # the best subset of each size
+    log = [json.loads(line) for line in (tmp_path / "uni" / "train_log.jsonl").read_text().splitlines()]
+    drawn = {k: v for row in log for k, v in row["drawn"].items()}
+    assert set(drawn) <= {"0", "1", "2"} and sum(v for row in log for v in row["drawn"].values()) == 3
+    model = tmp_path / "uni" / "final"
+    meta = json.loads((model / "loupe.json").read_text())["method"]
+    assert meta["configuration"] == "sample" and meta["configurations"] == viable["configurations"]
+
+    labels = tmp_path / "labels.json"
+    assert main(["router", "labels", "--model", str(model), "--data", str(synth / "train.json"),
+                 "--out", str(labels)]) == 0
+    table = json.loads(labels.read_text())
+    assert table["configurations"] == viable["configurations"] and table["samples"]
+    for s in table["samples"]:
+        good = [c for c, score in enumerate(s["scores"]) if score >= RULE * s["scores"][-1]]
+        assert s["label"] == good[0]
+    assert main(["router", "train", "--model", str(model), "--data", str(synth / "train.json"), "--labels",
+                 str(labels), "--out", str(tmp_path / "router"), "--epochs", "30"]) == 0
+    saved = json.loads((tmp_path / "router" / "router.json").read_text())
+    assert saved["configurations"] == viable["configurations"]
+    capsys.readouterr()
+    image = sorted((synth / "images").glob("test_*.png"))[0]
+    assert main(["generate", "--model", str(model), "--router", str(tmp_path / "router"), "--image", str(image),
+                 "--prompt", "What colour is the object?", "--max-new-tokens", "3"]) == 0
+    assert main(["router", "train", "--model", str(model), "--data", str(synth / "val.json"), "--labels",
+                 str(labels), "--out", str(tmp_path / "router2")]) == 2
+    assert "not the data's" in capsys.readouterr().err and not (tmp_path / "router2").exists()

@@ -327,3 +327,45 @@ def test_bad_configurations_images_and_routers(tmp_path: Path) -> None:
     assert model.method.options.configuration == "max"  # nothing changed
     with pytest.raises(LoupeError, match="not a router folder"):
         load_router(model, tmp_path)
+
+
+# ---- conversion and the command line ---------------------------------------------------------
+@torch.no_grad()
+def test_convert_from_llava_adds_nothing_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import save_hf_llava
+
+    from loupe.cli import main
+    src, dst = tmp_path / "llava", tmp_path / "visor"
+    save_hf_llava(src, text_num_hidden_layers=4, text_num_key_value_heads=2)
+    assert main(["convert", str(src), str(dst), "--method", "visor", "-o", "hr_size=112"]) == 0
+    converted = loupe.from_pretrained(dst)
+    assert converted.method.options.to_dict()["name"] == "visor"
+    assert (converted.method.ca_layers, converted.method.sa_layers) == ([0], [1])  # L/3 of 4 layers
+    assert all(float(m.attn.gate) == 0 for m in converted.method.cross.values())
+    bare = loupe.from_pretrained(src, "visor", hr_size=112, ca_layers=[], sa_layers=[1])
+    ids = torch.cat([torch.tensor([[1, 7]]), torch.full((1, 80), 127), torch.tensor([[9, 10, 11]])], 1)
+    px = torch.randn(1, 3, HR, HR, generator=torch.Generator().manual_seed(0))
+    for sa in ([], [1]):
+        with converted.method.configured([sa]), bare.method.configured([sa]):
+            torch.testing.assert_close(converted(ids, px).logits, bare(ids, px).logits, rtol=0, atol=0)
+    assert main(["convert", str(src), str(tmp_path / "bad"), "--method", "visor", "-o", "ca_layers=[0,9]"]) == 2
+    assert "ca_layers=[0, 9] names layer(s) [9] out of range: the model has 4 decoder layers" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cli_flops_reports_every_budget_at_7290_tokens(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from loupe.cli import main
+    assert main(["flops", "--preset", "llava-ov-0.5b", "--method", "visor", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["image_tokens"] == 7290
+    rows = out["budgets"]["budgets"]
+    assert [r["budget"] for r in rows][:2] == ["SA none", "SA 1"] and len(rows) == 9  # 8 SA layers of 24
+    savings = [r["llm_saving"] for r in rows]
+    assert savings == sorted(savings, reverse=True) and savings[-1] > 1
+    assert out["budgets"]["reference"]["image_tokens"] == 7290
+    assert main(["flops", "--preset", "llava-ov-0.5b", "--method", "visor", "-o", "configuration=router",
+                 "--mix", "0.5,0.5"]) == 2
+    assert "a mix of 2 fractions for 9 configurations" in capsys.readouterr().err

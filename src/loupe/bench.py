@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import gc
+import json
 import os
 import statistics
 import threading
@@ -37,11 +38,22 @@ from loupe.vlm import VLM
 
 
 def parse_method(spec: str, hr_size: int | None = None, **options: Any) -> MethodConfig:
-    """'flexattn@1008' -> the method's options (hr_size from '@', else `hr_size` if the
-    method has one). `options` apply where the method has such a field."""
-    name, _, size = spec.partition("@")
+    """'flexattn@1008' or 'visor@1008,configuration=min' -> the method's options (hr_size
+    from '@', else `hr_size` if the method has one). `options` apply where the method has
+    such a field; the spec's own KEY=VALUE pairs (values read as JSON) apply to it alone."""
+    head, *pairs = spec.split(",")
+    name, _, size = head.partition("@")
     fields = {f.name for f in dataclasses.fields(method_options(name).__class__)}
     chosen = {k: v for k, v in options.items() if k in fields and v is not None}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in fields:
+            raise LoupeError(f"{pair!r} in {spec!r} is not KEY=VALUE with KEY an option of {name!r} "
+                             f"({sorted(fields)})")
+        try:
+            chosen[key] = json.loads(value)
+        except json.JSONDecodeError:
+            chosen[key] = value
     if size:
         if "hr_size" not in fields:
             raise LoupeError(f"method {name!r} takes no HR size, but {spec!r} gives one")
@@ -56,7 +68,8 @@ def parse_method(spec: str, hr_size: int | None = None, **options: Any) -> Metho
 
 def label(options: MethodConfig, cfg: VLMConfig) -> str:
     hr = getattr(options, "resolved_hr_size", None)
-    return options.name + (f"@{hr(cfg)}" if hr else "")
+    variant = options.variant(cfg)
+    return options.name + (f"@{hr(cfg)}" if hr else "") + (f" [{variant}]" if variant else "")
 
 
 @dataclass

@@ -4,6 +4,7 @@ prints one clear line and exits with status 2, never a traceback."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -15,7 +16,18 @@ import torch
 
 from loupe.bench import parse_method
 from loupe.checkpoints import from_pretrained
-from loupe.cost import CONVENTIONS, PRESETS, Preset, compare_table, estimate, format_flops, parts_table, preset
+from loupe.cost import (
+    CONVENTIONS,
+    PRESETS,
+    Preset,
+    budget_table,
+    budgets,
+    compare_table,
+    estimate,
+    format_flops,
+    parts_table,
+    preset,
+)
 from loupe.errors import LoupeError
 from loupe.files import write_json
 from loupe.flops import Workload
@@ -46,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "where it matters (FlexAttention, VISOR and baselines).")
     sub = parser.add_subparsers(title="commands")
     for add in (_add_generate, _add_info, _add_convert, _add_demo, _add_flops, _add_bench, _add_data, _add_train,
-                _add_reproduce):
+                _add_router, _add_reproduce):
         add(sub)
     return parser
 
@@ -63,6 +75,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     _model_args(p)
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--prompt", required=True, help="question; the LLaVA-1.5 template is applied")
+    p.add_argument("--router", default=None, help="visor: route with this trained router (loupe router train)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -102,6 +115,15 @@ def parse_options(pairs: list[str]) -> dict[str, object]:
         except json.JSONDecodeError:
             options[key] = value
     return options
+
+
+def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise LoupeError(f"{flag} {text!r} is not a comma-separated list of numbers") from None
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -164,6 +186,9 @@ def run_generation(model: VLM, tok: Tokenizer, image_path: str, prompt: str, sam
 
 def cmd_generate(args: argparse.Namespace) -> int:
     model = _load(args)
+    if args.router:
+        from loupe.visor_train import load_router
+        load_router(model, args.router)
     tok = Tokenizer.from_folder(args.model, model.cfg.image_token_id)
     stops = [tok.eos_id] if tok.eos_id is not None else model.cfg.text.eos_token_ids
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, stops, args.seed)
@@ -247,6 +272,8 @@ def _add_flops(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reproject", action="store_true", help="FlexAttention decode re-projects HR keys (no memo)")
     p.add_argument("--lm-head", choices=["last", "all"], default="last", help="prefill logits for which positions")
     p.add_argument("--convention", choices=list(CONVENTIONS), default="flops")
+    p.add_argument("--mix", default=None, metavar="F,F,...",
+                   help="visor -o configuration=router: fraction of samples per configuration, cheapest first")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=cmd_flops)
 
@@ -270,16 +297,23 @@ def cmd_flops(args: argparse.Namespace) -> int:
     options = parse_options(args.option)
     specs = args.compare or [args.method or (stored.name if stored else "lowres")]
     workload = Workload(args.prompt_tokens, args.new_tokens, args.batch, selected=args.selected_ratio,
-                        memoised=not args.reproject, lm_head=args.lm_head)
-    costs = []
-    for spec in specs:
-        method = stored if stored and spec == stored.name and not options and args.hr_size is None else \
-            parse_method(spec, args.hr_size, **options)
-        costs.append(estimate(shapes.config, method, workload, convention=args.convention,
-                              class_token=shapes.class_token))
+                        memoised=not args.reproject, lm_head=args.lm_head, mix=_floats(args.mix, "--mix"))
+    methods = [stored if stored and spec == stored.name and not options and args.hr_size is None else
+               parse_method(spec, args.hr_size, **options) for spec in specs]
+    if workload.mix is None:  # a routed visor without a mix: cost its budgets (the mix is what routing decides)
+        methods = [dataclasses.replace(m, configuration="max") if getattr(m, "configuration", None) == "router"
+                   else m for m in methods]
+    costs = [estimate(shapes.config, m, workload, convention=args.convention, class_token=shapes.class_token)
+             for m in methods]
+    method = methods[0]
+    several = len(costs) == 1 and len(METHODS[method.name].budgets(shapes.config, method)) > 1 \
+        and args.convention == "flops"
+    report = budgets(shapes.config, method, workload, class_token=shapes.class_token) if several else None
     if args.json:
         body = costs[0].to_dict() if len(costs) == 1 else {
             "methods": [c.to_dict() for c in costs], "ratios": [c.total / costs[0].total for c in costs]}
+        if report is not None:
+            body["budgets"] = report
         print(json.dumps({"model": source, **body}, indent=2))
         return 0
     unit = "multiply-accumulates over image tokens" if args.convention == "image-macs" else "FLOPs (2 x MACs)"
@@ -292,6 +326,9 @@ def cmd_flops(args: argparse.Namespace) -> int:
             print(f"\nprefill {format_flops(c.prefill)}, decode {format_flops(c.decode_per_token)} per token")
         print(f"image tokens in the sequence: {c.image_tokens}, equivalent image tokens: "
               f"{c.equivalent_image_tokens:.0f}")
+        if report is not None:
+            print(f"\nevery budget of this {method.name} model (saving: the dense reference's FLOPs / the budget's)\n")
+            print(budget_table(report))
     else:
         print(compare_table(costs))
     return 0
@@ -382,6 +419,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train", default=",".join(d.train),
                    help="comma-separated parameter prefixes to train (vision_tower, projector, decoder, method)")
     p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--viable-from", default=None, metavar="VAL_JSON",
+                   help="visor universal training: find the viable configurations on this split first, then "
+                        "train drawing one per step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=cmd_train)
@@ -403,12 +443,102 @@ def cmd_train(args: argparse.Namespace) -> int:
                       checkpoint_every=args.checkpoint_every, seed=args.seed)
     samples, paths = tokenize(examples, tok, model.method.tokens_per_image())
     frozen_encoder = not any(p.startswith(("vision_tower", "projector")) for p in prefixes)
-    images = FeatureImages(model, paths) if frozen_encoder else PixelImages(paths, model.method.image_size())
+
+    def images_for(paths: list[Path]) -> FeatureImages | PixelImages:
+        return FeatureImages(model, paths) if frozen_encoder else PixelImages(paths, model.method.image_size())
+
+    images = images_for(paths)
     if out.exists() and args.overwrite:
         (out / "train_log.jsonl").unlink(missing_ok=True)
+    if args.viable_from:
+        from loupe.visor_train import universal_setup
+        val, val_paths = tokenize(read_llava(args.viable_from), tok, model.method.tokens_per_image())
+        found = universal_setup(model, val, images_for(val_paths), tok)
+        write_json(out / "viable.json", found)
+        print(f"viable configurations: {found['configurations']} (validation accuracy of every subset in "
+              f"{out / 'viable.json'})")
     log = train(model, samples, images, cfg, tok.pad_id, out)
     (out / "final" / "tokenizer.json").write_bytes((Path(args.model) / "tokenizer.json").read_bytes())
     print(f"trained {cfg.steps} steps, final loss {log[-1]['loss']:.4f}; model in {out / 'final'}")
+    return 0
+
+
+def _add_router(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("router", help="visor: build the router's pseudo-labels and train the router")
+    router = p.add_subparsers(title="router commands")
+    for name, run, what in (("labels", cmd_router_labels, "score every configuration on every question; the "
+                             "labels (cheapest configuration within 99%% of the maximum's score) as JSON"),
+                            ("train", cmd_router_train, "train the router on the labels (or build them first)")):
+        q = router.add_parser(name, help=what)
+        q.add_argument("--model", required=True, help="a universally trained visor checkpoint")
+        q.add_argument("--data", required=True, help="LLaVA-format JSON: every turn is one routing sample")
+        q.add_argument("--out", required=True, help="labels JSON file" if name == "labels" else "router folder")
+        q.add_argument("--device", default="cpu")
+        q.add_argument("--score", choices=["likelihood", "exact"], default="likelihood",
+                       help="per-sample score of a configuration: the answer's probability, or exact match")
+        q.add_argument("--overwrite", action="store_true")
+        if name == "train":
+            q.add_argument("--labels", default=None, help="labels from `loupe router labels` (default: build them)")
+            q.add_argument("--epochs", type=int, default=300)
+            q.add_argument("--seed", type=int, default=0)
+        q.set_defaults(run=run)
+
+
+def _router_inputs(args: argparse.Namespace) -> tuple[VLM, Tokenizer, list, object]:
+    from loupe.data.llava import read_llava
+    from loupe.train import FeatureImages, tokenize
+    from loupe.visor_train import single_turns, visor_method
+
+    model = from_pretrained(args.model, dtype=torch.float32, device=args.device)
+    visor_method(model)
+    tok = Tokenizer.from_folder(args.model, model.cfg.image_token_id)
+    turns = single_turns(read_llava(args.data))
+    samples, paths = tokenize(turns, tok, model.method.tokens_per_image())
+    return model, tok, [(t.id, t.meta.get("kind")) for t in turns], (samples, FeatureImages(model, paths))
+
+
+def cmd_router_labels(args: argparse.Namespace) -> int:
+    from loupe.visor_train import label_table, router_labels, score_table
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise LoupeError(f"{out} already exists; pass --overwrite to replace it")
+    model, _, ids, (samples, images) = _router_inputs(args)
+    scores = score_table(model, samples, images, score=args.score)
+    table = label_table(model, ids, scores, router_labels(scores), args.score)
+    write_json(out, table)
+    counts = [sum(1 for s in table["samples"] if s["label"] == c) for c in range(len(table["configurations"]))]
+    print(f"{len(ids)} labels; per configuration {dict(zip(map(str, table['configurations']), counts, strict=True))}"
+          f"; written to {out}")
+    return 0
+
+
+def cmd_router_train(args: argparse.Namespace) -> int:
+    from loupe.visor_train import (
+        label_table,
+        read_labels,
+        router_labels,
+        routing_states,
+        save_router,
+        score_table,
+        train_router,
+    )
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise LoupeError(f"{out} already exists; pass --overwrite to replace it")
+    model, _, ids, (samples, images) = _router_inputs(args)
+    if args.labels:
+        labels = read_labels(args.labels, model, [i for i, _ in ids])
+        table = None
+    else:
+        scores = score_table(model, samples, images, score=args.score)
+        labels = router_labels(scores)
+        table = label_table(model, ids, scores, labels, args.score)
+    report = train_router(model, routing_states(model, samples, images), labels, epochs=args.epochs, seed=args.seed)
+    save_router(model, out, report, overwrite=args.overwrite, labels=table)
+    print(f"router for {report.configurations}: {report.samples} samples, labels per configuration "
+          f"{report.label_counts}, training accuracy {report.train_accuracy:.1f}%; written to {out}")
     return 0
 
 

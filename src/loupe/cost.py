@@ -231,6 +231,52 @@ def compare_table(costs: list[Cost]) -> str:
     return "\n".join(lines)
 
 
+def budgets(cfg: VLMConfig, options: MethodConfig, workload: Workload | None = None, *,
+            class_token: bool = True) -> dict[str, Any]:
+    """Every compute budget of one trained model (VISOR: one per configuration) against the
+    method's dense reference (the same model with all image tokens in every layer).
+    "LLM prefill" is every prefill part after the projector: decoder layers, LM head and the
+    method's extras (VISOR's CA layers and router)."""
+    cls = METHODS[options.name]
+    dense = cls.dense_reference(cfg, options)
+    ref = estimate(cfg, dense, workload, class_token=class_token) if dense is not None else None
+    rows = []
+    for budget in cls.budgets(cfg, options):
+        c = estimate(cfg, budget, workload, class_token=class_token)
+        row = {"budget": budget.variant(cfg), "options": c.method, "llm_prefill": c.part("prefill"),
+               "prefill": c.prefill, "equivalent_image_tokens": c.equivalent_image_tokens}
+        if ref is not None:
+            row["llm_saving"] = ref.part("prefill") / row["llm_prefill"]
+            row["prefill_saving"] = ref.prefill / row["prefill"]
+        rows.append(row)
+    return {"reference": ref.to_dict() if ref else None, "budgets": rows}
+
+
+def budget_table(report: dict[str, Any]) -> str:
+    ref = report["reference"]
+    name = _label_of(ref["method"]) if ref else "-"
+    lines = [f"| budget | LLM prefill | saving vs {name} | prefill (all) | saving | equiv. image tokens |",
+             "|---|---|---|---|---|---|"]
+    if ref:
+        lines.append(f"| {name} (every layer) | {format_flops(_prefill_parts(ref))} | 1.0x | "
+                     f"{format_flops(ref['prefill'])} | 1.0x | {ref['equivalent_image_tokens']:.0f} |")
+    for r in report["budgets"]:
+        lines.append(f"| {r['budget']} | {format_flops(r['llm_prefill'])} | {r.get('llm_saving', 0):.1f}x | "
+                     f"{format_flops(r['prefill'])} | {r.get('prefill_saving', 0):.1f}x | "
+                     f"{r['equivalent_image_tokens']:.0f} |")
+    return "\n".join(lines)
+
+
+def _prefill_parts(cost: dict[str, Any]) -> float:
+    """A cost's LLM prefill (its prefill.* parts), from its dict form."""
+    return sum(v for k, v in cost["parts"].items() if k.startswith("prefill."))
+
+
+def _label_of(method: dict[str, Any]) -> str:
+    hr = method.get("hr_size")
+    return method["name"] + (f"@{hr}" if hr else "")
+
+
 def _label(c: Cost) -> str:
     hr = c.method.get("hr_size")
     return c.method["name"] + (f"@{hr}" if hr else "")

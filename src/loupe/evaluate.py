@@ -34,6 +34,7 @@ class Prediction:
     meta: dict[str, Any]
     selected: float | None  # mean selected fraction of HR tokens at prefill (methods that select)
     sa_layers: int | None = None  # VISOR: SA layers the sample ran
+    route: int | None = None  # VISOR with its router: the configuration it chose
 
 
 @dataclass
@@ -78,13 +79,15 @@ def evaluate(model: VLM, samples: Sequence[Sample], images: ImageSource, tok: To
                        **images.model_inputs([s.image for s in chunk]))
         fractions = _per_sample_fraction(info, len(chunk))
         sa_layers = info["sa_layers"].tolist() if "sa_layers" in info else None
+        routes = info["configuration"].tolist() if "configuration" in info else None
         for row, s in enumerate(chunk):
             assert s.example is not None
             answer = s.example.answer
             text = tok.decode([t for t in out[row].tolist() if t not in stops])
             result.predictions.append(Prediction(s.example.id, answer, text, normalise(text) == normalise(answer),
                                                  s.example.meta, fractions[row] if fractions else None,
-                                                 sa_layers[row] if sa_layers else None))
+                                                 sa_layers[row] if sa_layers else None,
+                                                 routes[row] if routes else None))
     return result
 
 

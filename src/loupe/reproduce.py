@@ -19,10 +19,11 @@ accuracy against FLOPs), the dataset, the base checkpoint and each run's log and
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +34,13 @@ from loupe.cost import estimate
 from loupe.data.llava import Example, read_llava
 from loupe.data.synthetic import SynthConfig, write_dataset
 from loupe.errors import LoupeError
-from loupe.evaluate import evaluate, prefill_latency
+from loupe.evaluate import EvalResult, evaluate, prefill_latency
 from loupe.files import write_atomic, write_json
 from loupe.flops import Workload
 from loupe.text import Tokenizer
 from loupe.tiny import init_random_, synth_tiny_config, tiny_tokenizer
 from loupe.train import FeatureImages, FeatureStore, PixelImages, Sample, TrainConfig, tokenize, train
+from loupe.visor_train import build_router, universal_setup
 from loupe.vlm import VLM
 
 NATIVE = 64  # the synth-tiny model's native image side
@@ -47,6 +49,10 @@ NATIVE = 64  # the synth-tiny model's native image side
 # threshold 128 instead of the official 48: this small model's attention is flatter than
 # LLaVA's, and 48 selects ~70% of the HR tokens where the paper selects ~10%.
 FLEX = {"first_layer": 2, "pool": 4, "threshold": 128.0}
+# VISOR on 4 layers: L/3 rounds to one CA and one SA layer, which leaves a single budget to
+# route to; CA layers 0 and 2 and SA layers 1 and 3 keep the paper's alternation and give
+# 4 subsets (0, 1 or 2 SA layers), the routing token read after layer 0 (CA: it has seen the image).
+VISOR = {"hr_size": 3 * NATIVE, "ca_layers": [0, 2], "sa_layers": [1, 3]}
 SCENES = SynthConfig(native=64, objects=(1, 2), distractors=(1, 3))
 
 
@@ -78,16 +84,17 @@ class Plan:
     base: TrainConfig
     finetune: TrainConfig
     latency_samples: int
+    router_scenes: int  # training scenes whose questions label and train VISOR's router
 
 
 FULL = Plan(1000, TrainConfig(steps=1800, batch_size=16, lr=1e-3, warmup=50,
                               train=("vision_tower", "projector", "decoder"), log_every=25),
             TrainConfig(steps=150, batch_size=16, lr=3e-3, warmup=20, train=("decoder", "method"), log_every=25),
-            latency_samples=16)
+            latency_samples=16, router_scenes=300)
 QUICK = Plan(60, TrainConfig(steps=30, batch_size=8, lr=1e-3, warmup=5,
                              train=("vision_tower", "projector", "decoder"), log_every=10),
              TrainConfig(steps=6, batch_size=8, lr=3e-3, warmup=2, train=("decoder", "method"), log_every=3),
-             latency_samples=3)
+             latency_samples=3, router_scenes=12)
 INIT_STD = 0.1  # about 1/sqrt(width 128): with 0.02 the from-scratch model never starts using the image
 
 OWNED = ("data", "base", "runs", "results.json", "results.md", "results.png")
@@ -133,7 +140,8 @@ class RunResult:
     label: str
     method: dict[str, Any]
     accuracy: dict[str, Any]
-    gflops: float  # per sample, loupe.cost with the measured selection
+    gflops: float  # per sample, loupe.cost with the measured selection (or routing)
+    llm_prefill_gflops: float  # per sample: the decoder's prefill (layers, LM head, method extras)
     prefill_ms: float  # per sample, batch 1, from pixels
     train_seconds: float
     final_loss: float
@@ -147,34 +155,94 @@ def finetune(run: Run, base: Path, train_ex: Sequence[Example], test_ex: Sequenc
         options["ablation_ratio"] = ablation_ratio
     torch.manual_seed(seed)
     model = from_pretrained(base, run.method, dtype=torch.float32, **options)
-    n_img = model.method.tokens_per_image()
-    samples, paths = tokenize(train_ex, tok, n_img)
-    test_samples, test_paths = tokenize(test_ex, tok, n_img)
+    seconds, log = _train(model, train_ex, tok, plan.finetune, store, out, seed, progress, run.label)
+    return assess(run.label, model, test_ex, tok, plan, store, out, progress, seconds, log[-1]["loss"])
+
+
+def _train(model: VLM, examples: Sequence[Example], tok: Tokenizer, cfg: TrainConfig, store: FeatureStore,
+           out: Path, seed: int, progress: bool, desc: str) -> tuple[float, list[dict[str, Any]]]:
+    samples, paths = tokenize(examples, tok, model.method.tokens_per_image())
     images = FeatureImages(model, paths, store, tag="train", progress=progress)
     start = time.perf_counter()
-    log = train(model, samples, images, TrainConfig(**{**asdict(plan.finetune), "seed": seed}), tok.pad_id,
-                out, progress, desc=run.label)
-    seconds = time.perf_counter() - start
+    log = train(model, samples, images, TrainConfig(**{**asdict(cfg), "seed": seed}), tok.pad_id, out, progress,
+                desc=desc)
+    return time.perf_counter() - start, log
+
+
+def assess(label: str, model: VLM, test_ex: Sequence[Example], tok: Tokenizer, plan: Plan, store: FeatureStore,
+           out: Path, progress: bool, seconds: float, final_loss: float) -> RunResult:
+    """Test-split accuracy, FLOPs per sample (measured selection or routing) and prefill latency."""
+    test_samples, test_paths = tokenize(test_ex, tok, model.method.tokens_per_image())
     result = evaluate(model, test_samples, FeatureImages(model, test_paths, store, tag="test", progress=progress),
                       tok, progress=progress)
     summary = result.summary()
+    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "predictions.json", [asdict(p) for p in result.predictions])
-    cost = estimate(model.cfg, model.method.options, _workload(test_samples, tok.image_token_id, summary["selected_fraction"]))
+    workload = _workload(test_samples, tok.image_token_id, summary["selected_fraction"], _route_mix(model, result))
+    cost = estimate(model.cfg, model.method.options, workload)
     latency = prefill_latency(model, test_ex[: plan.latency_samples], tok)
-    res = RunResult(run.label, cost.method, summary, cost.total / 1e9, latency * 1e3, seconds, log[-1]["loss"])
+    res = RunResult(label, cost.method, summary, cost.total / 1e9, cost.part("prefill") / 1e9, latency * 1e3,
+                    seconds, final_loss)
     write_json(out / "metrics.json", asdict(res))
     return res
 
 
-def _workload(samples: Sequence[Sample], image_token_id: int, selected: float | None) -> Workload:
+def _route_mix(model: VLM, result: EvalResult) -> tuple[float, ...] | None:
+    """The fraction of test samples the router sent to each configuration (None: not routed)."""
+    routes = [p.route for p in result.predictions if p.route is not None]
+    if not routes:
+        return None
+    n = len(getattr(model.method, "configurations", []))
+    return tuple(routes.count(k) / len(routes) for k in range(n))
+
+
+def visor_runs(base: Path, train_ex: Sequence[Example], val_ex: Sequence[Example], test_ex: Sequence[Example],
+               tok: Tokenizer, plan: Plan, store: FeatureStore, out: Path, seed: int,
+               progress: bool) -> list[RunResult]:
+    """VISOR's protocol on the same base, data and fine-tuning budget as the other methods:
+    2/3 of the steps on the maximum configuration, the viable search on the validation split,
+    1/3 universal (one viable configuration drawn per step); then the router, trained offline on
+    the questions of `plan.router_scenes` training scenes. One row per budget and one routed."""
+    torch.manual_seed(seed)
+    model = from_pretrained(base, "visor", dtype=torch.float32, configuration="max", **VISOR)
+    steps = plan.finetune.steps
+    first = replace(plan.finetune, steps=max(1, 2 * steps // 3))
+    second = replace(plan.finetune, steps=max(1, steps - first.steps), warmup=min(plan.finetune.warmup, 5))
+    s1, log1 = _train(model, train_ex, tok, first, store, out / "visor-max", seed, progress, "visor max")
+    val_samples, val_paths = tokenize(val_ex, tok, model.method.tokens_per_image())
+    found = universal_setup(model, val_samples, FeatureImages(model, val_paths, store, tag="val", progress=progress),
+                            tok, progress=progress)
+    write_json(out / "visor-universal" / "viable.json", found)
+    s2, log2 = _train(model, train_ex, tok, second, store, out / "visor-universal", seed, progress, "visor universal")
+    start = time.perf_counter()
+    routed = train_ex[: plan.router_scenes]
+    report, _ = build_router(model, routed, lambda paths: FeatureImages(model, paths, store, tag="router",
+                                                                           progress=progress),
+                             tok, out / "visor-router" / "router", seed=seed, progress=progress, overwrite=True)
+    router_seconds = time.perf_counter() - start
+    rows = []
+    for k in range(len(model.method.configurations)):
+        model.method.options.configuration = k
+        label = f"visor [{model.method.options.variant(model.cfg)}]"
+        rows.append(assess(label, model, test_ex, tok, plan, store, out / f"visor-{k}", progress, s1 + s2,
+                           log2[-1]["loss"]))
+    model.method.options.configuration = "router"
+    rows.append(assess("visor-router", model, test_ex, tok, plan, store, out / "visor-router", progress,
+                       s1 + s2 + router_seconds, log2[-1]["loss"]))
+    write_json(out / "visor-router" / "router_report.json", asdict(report))
+    return rows
+
+
+def _workload(samples: Sequence[Sample], image_token_id: int, selected: float | None,
+              mix: tuple[float, ...] | None = None) -> Workload:
     """The test split's mean prompt text tokens and answer tokens (with </s>)."""
     text = sum(s.prompt_length - s.ids.count(image_token_id) for s in samples) / len(samples)
     answer = sum(sum(s.scored) for s in samples) / len(samples)
-    return Workload(prompt_tokens=round(text), new_tokens=max(1, round(answer)), selected=selected or 0.1)
+    return Workload(prompt_tokens=round(text), new_tokens=max(1, round(answer)), selected=selected or 0.1, mix=mix)
 
 
 def reproduce(out: str | Path, quick: bool = False, seed: int = 0, overwrite: bool = False,
-              progress: bool = True, runs: Sequence[Run] = RUNS) -> dict[str, Any]:
+              progress: bool = True, runs: Sequence[Run] = RUNS, with_visor: bool = True) -> dict[str, Any]:
     out = Path(out)
     prepare_out(out, overwrite)
     plan = QUICK if quick else FULL
@@ -190,6 +258,9 @@ def reproduce(out: str | Path, quick: bool = False, seed: int = 0, overwrite: bo
         ratio = _attnmap_fraction(results) if run.ablation else None
         results.append(finetune(run, base, scenes, test_ex, tok, plan, store, out / "runs" / run.label, seed,
                                 progress, ratio))
+    if with_visor:
+        results += visor_runs(base, scenes, read_llava(data / "val.json"), test_ex, tok, plan, store, out / "runs",
+                              seed, progress)
     report = {"quick": quick, "seed": seed, "seconds": time.perf_counter() - start, "machine": _machine(),
               "plan": {"scenes": plan.scenes, "base": asdict(plan.base), "finetune": asdict(plan.finetune)},
               "runs": [asdict(r) for r in results], "claims": claims(results)}
@@ -213,7 +284,34 @@ def _machine() -> dict[str, Any]:
 
 # ---- claims, table, plot ------------------------------------------------------------------------
 def claims(results: Sequence[RunResult]) -> list[dict[str, Any]]:
-    """The issue's targets, each with the measured values and whether it holds."""
+    """The issues' targets, each with the measured values and whether it holds."""
+    return flexattn_claims(results) + visor_claims(results)
+
+
+def visor_claims(results: Sequence[RunResult]) -> list[dict[str, Any]]:
+    by = {r.label: r for r in results}
+    budgets = [r for r in results if r.label.startswith("visor [")]
+    if not {"hd", "visor-router"} <= set(by) or not budgets:
+        return []
+    hd, routed, top = by["hd"], by["visor-router"], budgets[-1]
+    a = routed.accuracy
+    best_other = max((r.accuracy["overall"] for r in budgets[:-1]), default=top.accuracy["overall"])
+    p, n = top.accuracy["overall"] / 100, top.accuracy["n"]
+    noise = 200 * math.sqrt(p * (1 - p) / n)  # two binomial standard errors, in points
+    return [
+        {"claim": "visor-router overall >= hd - 2", "value": a["overall"] - hd.accuracy["overall"],
+         "holds": a["overall"] >= hd.accuracy["overall"] - 2},
+        {"claim": "visor-router LLM prefill FLOPs <= 1/3 x hd", "value": routed.llm_prefill_gflops /
+         hd.llm_prefill_gflops, "holds": routed.llm_prefill_gflops <= hd.llm_prefill_gflops / 3},
+        {"claim": "router: fewer SA layers on easy than on hard questions (hard - easy)",
+         "value": (a["sa_layers_hard"] or 0) - (a["sa_layers_easy"] or 0),
+         "holds": (a["sa_layers_easy"] or 0) < (a["sa_layers_hard"] or 0)},
+        {"claim": f"visor max configuration >= every smaller one, within noise (2 SE = {noise:.1f})",
+         "value": top.accuracy["overall"] - best_other, "holds": top.accuracy["overall"] >= best_other - noise},
+    ]
+
+
+def flexattn_claims(results: Sequence[RunResult]) -> list[dict[str, Any]]:
     by = {r.label: r for r in results}
     if not {"lowres", "hd", "flexattn", "flexattn-random", "flexattn-center"} <= set(by):
         return []
@@ -241,13 +339,15 @@ def _pct(x: float | None) -> str:
 
 def table(results: Sequence[RunResult]) -> str:
     lines = ["| method | easy | hard | overall | hard, small objects | hard, large objects | selected | "
-             "GFLOPs / sample | prefill ms / sample |", "|---|---|---|---|---|---|---|---|---|"]
+             "SA layers easy / hard | GFLOPs / sample | LLM prefill GFLOPs | prefill ms / sample |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         a = r.accuracy
         sel = "-" if a["selected_fraction"] is None else f"{100 * a['selected_fraction']:.0f}%"
+        sa = "-" if a.get("sa_layers") is None else f"{a['sa_layers_easy']:.2f} / {a['sa_layers_hard']:.2f}"
         lines.append(f"| {r.label} | {_pct(a['easy'])} | {_pct(a['hard'])} | {_pct(a['overall'])} | "
-                     f"{_pct(a['hard_small'])} | {_pct(a['hard_large'])} | {sel} | {r.gflops:.3f} | "
-                     f"{r.prefill_ms:.1f} |")
+                     f"{_pct(a['hard_small'])} | {_pct(a['hard_large'])} | {sel} | {sa} | {r.gflops:.3f} | "
+                     f"{r.llm_prefill_gflops:.3f} | {r.prefill_ms:.1f} |")
     return "\n".join(lines)
 
 
@@ -259,30 +359,39 @@ def claims_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def plot(results: Sequence[RunResult], path: Path, title: str) -> None:
-    """Hard-question accuracy against FLOPs per sample, one labelled point per method."""
+    """Two panels, one labelled point per method: hard-question accuracy against FLOPs per
+    sample (FlexAttention's axis), overall accuracy against the LLM's prefill FLOPs (VISOR's)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    placed: list[tuple[float, float]] = []
-    for r in results:
-        x, y = r.gflops, r.accuracy["hard"]
-        ax.scatter(x, y, s=40)
-        near = sum(abs(x - px) < 0.05 * max(x, px) and abs(y - py) < 1.5 for px, py in placed)
-        ax.annotate(r.label, (x, y), textcoords="offset points", xytext=(5, 4 - 10 * near), fontsize=8)
-        placed.append((x, y))
-    ax.axhline(25, color="grey", linestyle=":", linewidth=1)
-    ax.text(ax.get_xlim()[0], 26, " chance", color="grey", fontsize=8)
-    ax.set_xlabel("GFLOPs per sample (loupe.cost, measured selection)")
-    ax.set_ylabel("accuracy on hard questions (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=120)
+    _panel(left, [(r.label, r.gflops, r.accuracy["hard"]) for r in results],
+           "GFLOPs per sample (loupe.cost, measured selection / routing)", "accuracy on hard questions (%)",
+           chance=True)
+    _panel(right, [(r.label, r.llm_prefill_gflops, r.accuracy["overall"]) for r in results],
+           "LLM prefill GFLOPs per sample (decoder, CA layers, router)", "overall accuracy (%)", chance=False)
+    fig.suptitle(title)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(path)
+
+
+def _panel(ax: Any, points: Sequence[tuple[str, float, float]], xlabel: str, ylabel: str, chance: bool) -> None:
+    placed: list[tuple[float, float]] = []
+    for name, x, y in points:
+        ax.scatter(x, y, s=40, marker="s" if name.startswith("visor") else "o")
+        near = sum(abs(x - px) < 0.05 * max(x, px) and abs(y - py) < 1.5 for px, py in placed)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4 - 10 * near), fontsize=7)
+        placed.append((x, y))
+    if chance:
+        ax.axhline(25, color="grey", linestyle=":", linewidth=1)
+        ax.text(ax.get_xlim()[0], 26, " chance", color="grey", fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
 
 
 def print_report(report: dict[str, Any], out: Path) -> None:

@@ -13,9 +13,17 @@ The router is trained offline on a frozen universal model: every (image, questio
 training data is scored under every configuration, its label is the cheapest configuration
 whose score reaches 99% of the maximum configuration's (`router_labels`), and the MLP on
 the routing token's hidden state learns the labels with cross-entropy (`train_router`).
-Scores are exact-match accuracies in [0, 1] under teacher forcing: a sample scores 1 when
-every answer token (and its </s>) is the argmax, which is exactly when greedy decoding
-would produce the answer.
+Scores, under teacher forcing (`SCORES`):
+- "likelihood" (default): the probability the configuration gives the whole reference
+  answer (its tokens and </s>) - the graded version of exact match;
+- "exact": 1 when every answer token is the argmax (exactly when greedy decoding produces
+  the answer), else 0.
+Why likelihood by default: with 0/1 scores every sample the maximum configuration gets
+wrong is labelled with the cheapest configuration, since 0 >= 0.99 x 0. On the built-in
+benchmark, where the model is right on well under half of the hard questions, that put
+84% of the labels on the cheapest configuration (1007 of 1194, seed 0) and the router
+learned to send everything there; the answer's probability still tells which questions
+the SA layers help.
 
 Shape legend: S samples, C configurations, W text width.
 """
@@ -39,7 +47,6 @@ from tqdm import tqdm
 from loupe.data.llava import Example
 from loupe.errors import LoupeError
 from loupe.evaluate import evaluate
-from loupe.files import write_json
 from loupe.methods.visor import Visor, all_subsets
 from loupe.text import Tokenizer
 from loupe.train import ImageSource, Sample, collate, tokenize
@@ -91,20 +98,39 @@ def viable_configurations(model: VLM, samples: Sequence[Sample], images: ImageSo
     return {"configurations": configurations, "scores": {",".join(map(str, k)): v for k, v in scores.items()}}
 
 
+def universal_setup(model: VLM, samples: Sequence[Sample], images: ImageSource, tok: Tokenizer,
+                    progress: bool = True) -> dict[str, Any]:
+    """Steps 2 and 3's set-up: find the viable configurations on `samples` and make the model
+    train them, one drawn per step."""
+    found = viable_configurations(model, samples, images, tok, progress=progress)
+    method = visor_method(model)
+    method.set_configurations(found["configurations"])
+    method.options.configuration = "sample"
+    return found
+
+
 # ---- router labels ------------------------------------------------------------------------------
 def single_turns(examples: Sequence[Example]) -> list[Example]:
     """Every (image, question, answer) turn as its own one-turn example (the router decides per question)."""
     out = []
     for ex in examples:
+        per_turn = ex.meta.get("turns")
+        shared = {k: v for k, v in ex.meta.items() if k != "turns"}
         for k, turn in enumerate(ex.turns):
-            out.append(Example(f"{ex.id}#{k}", ex.image, [turn], ex.meta if k == 0 else {**ex.meta, "turn": k}))
+            meta = {**shared, **(per_turn[k] if isinstance(per_turn, list) and k < len(per_turn) else {}), "turn": k}
+            out.append(Example(f"{ex.id}#{k}", ex.image, [turn], meta))
     return out
+
+
+SCORES = ("likelihood", "exact")
 
 
 @torch.no_grad()
 def score_table(model: VLM, samples: Sequence[Sample], images: ImageSource, batch_size: int = 16,
-                progress: bool = True) -> torch.Tensor:
-    """(S, C) teacher-forced exact match (0 or 1) of every sample under every configuration."""
+                progress: bool = True, score: str = "likelihood") -> torch.Tensor:
+    """(S, C) teacher-forced score in [0, 1] of every sample under every configuration."""
+    if score not in SCORES:
+        raise LoupeError(f"unknown router score {score!r}; choose one of {list(SCORES)}")
     method = visor_method(model)
     model.eval()
     table = torch.zeros(len(samples), len(method.configurations))
@@ -116,8 +142,12 @@ def score_table(model: VLM, samples: Sequence[Sample], images: ImageSource, batc
             with method.configured([configuration]):
                 out = model(batch.input_ids.to(model.device), attention_mask=batch.attention_mask.to(model.device),
                             **images.model_inputs(batch.images))
-            right = (out.logits.argmax(-1).cpu() == batch.targets) | ~batch.loss_rows  # (B, T)
-            table[idx, c] = right.all(-1).float()
+            logits, rows = out.logits.float().cpu(), batch.loss_rows
+            if score == "exact":
+                table[idx, c] = ((logits.argmax(-1) == batch.targets) | ~rows).all(-1).float()
+            else:
+                logp = torch.log_softmax(logits, -1).gather(-1, batch.targets[..., None])[..., 0]  # (B, T)
+                table[idx, c] = logp.masked_fill(~rows, 0.0).sum(-1).exp()
             bar.update()
     bar.close()
     return table
@@ -132,6 +162,28 @@ def router_labels(scores: torch.Tensor, rule: float = RULE) -> torch.Tensor:
         raise LoupeError("router scores must be non-negative (the 99% rule compares fractions of the maximum)")
     good = scores >= rule * scores[:, -1:]  # (S, C); the maximum itself always qualifies
     return good.float().argmax(-1)  # first True
+
+
+def label_table(model: VLM, ids: Sequence[tuple[str, Any]], scores: torch.Tensor, labels: torch.Tensor,
+                score: str = "likelihood") -> dict[str, Any]:
+    """The labels as JSON: the configurations, the rule, and per sample its id, kind, scores and label."""
+    return {"configurations": [list(c) for c in visor_method(model).configurations], "rule": RULE, "score": score,
+            "samples": [{"id": i, "kind": kind, "scores": scores[row].tolist(), "label": int(labels[row])}
+                        for row, (i, kind) in enumerate(ids)]}
+
+
+def read_labels(path: str | os.PathLike[str], model: VLM, ids: Sequence[str]) -> torch.Tensor:
+    """(S,) labels from a `label_table` file, checked against the model's configurations and the samples."""
+    table = json.loads(Path(path).read_text())
+    mine = [list(c) for c in visor_method(model).configurations]
+    if table.get("configurations") != mine:
+        raise LoupeError(f"the labels in {path} are for configurations {table.get('configurations')}, but the "
+                         f"model has {mine}")
+    theirs = [s["id"] for s in table.get("samples", [])]
+    if theirs != list(ids):
+        raise LoupeError(f"the labels in {path} are for {len(theirs)} samples that are not the data's {len(ids)} "
+                         "questions in order; build them from the same --data")
+    return torch.tensor([s["label"] for s in table["samples"]], dtype=torch.long)
 
 
 # ---- the router ---------------------------------------------------------------------------------
@@ -188,11 +240,13 @@ def train_router(model: VLM, states: torch.Tensor, labels: torch.Tensor, epochs:
         accuracy = 100 * float((router(x).argmax(-1) == y).float().mean())
     counts = torch.bincount(labels, minlength=len(method.configurations)).tolist()
     return RouterReport([list(c) for c in method.configurations], len(labels), counts, accuracy, epochs,
-                        float(loss))
+                        loss.item())
 
 
-def save_router(model: VLM, folder: str | os.PathLike[str], report: RouterReport, overwrite: bool = False) -> Path:
-    """router.safetensors + router.json, written to a temporary folder that replaces `folder` whole."""
+def save_router(model: VLM, folder: str | os.PathLike[str], report: RouterReport, overwrite: bool = False,
+                labels: dict[str, Any] | None = None) -> Path:
+    """router.safetensors + router.json (+ labels.json), written to a temporary folder that
+    replaces `folder` whole."""
     method = visor_method(model)
     folder = Path(folder)
     if folder.exists() and not overwrite:
@@ -205,6 +259,8 @@ def save_router(model: VLM, folder: str | os.PathLike[str], report: RouterReport
         meta = {"configurations": report.configurations, "sa_layers": method.sa_layers,
                 "ca_layers": method.ca_layers, "report": asdict(report)}
         (tmp / "router.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if labels is not None:
+            (tmp / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -230,20 +286,18 @@ def load_router(model: VLM, folder: str | os.PathLike[str]) -> dict[str, Any]:
 
 def build_router(model: VLM, examples: Sequence[Example], images_for: Any, tok: Tokenizer,
                  out: str | os.PathLike[str] | None = None, epochs: int = 300, seed: int = 0,
-                 progress: bool = True, overwrite: bool = False) -> tuple[RouterReport, dict[str, Any]]:
-    """Labels and router from training `examples`: `images_for(model, paths)` gives their image
-    source. Writes labels.json and the router to `out` when given."""
+                 progress: bool = True, overwrite: bool = False, score: str = "likelihood"
+                 ) -> tuple[RouterReport, dict[str, Any]]:
+    """Labels and router from training `examples`, one routing sample per turn;
+    `images_for(paths)` gives their image source. Saves the router (with labels.json) to `out`."""
     turns = single_turns(examples)
     samples, paths = tokenize(turns, tok, model.method.tokens_per_image())
-    images = images_for(model, paths)
-    scores = score_table(model, samples, images, progress=progress)
+    images = images_for(paths)
+    scores = score_table(model, samples, images, progress=progress, score=score)
     labels = router_labels(scores)
-    states = routing_states(model, samples, images, progress=progress)
-    report = train_router(model, states, labels, epochs=epochs, seed=seed)
-    table = {"configurations": report.configurations, "rule": RULE,
-             "samples": [{"id": ex.id, "kind": ex.meta.get("kind"), "scores": scores[i].tolist(),
-                          "label": int(labels[i])} for i, ex in enumerate(turns)]}
+    table = label_table(model, [(t.id, t.meta.get("kind")) for t in turns], scores, labels, score)
+    report = train_router(model, routing_states(model, samples, images, progress=progress), labels,
+                          epochs=epochs, seed=seed)
     if out is not None:
-        save_router(model, out, report, overwrite=overwrite)
-        write_json(Path(out) / "labels.json", table)
+        save_router(model, out, report, overwrite=overwrite, labels=table)
     return report, table

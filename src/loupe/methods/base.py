@@ -49,6 +49,10 @@ class MethodConfig:
     def validate(self, cfg: VLMConfig) -> None:
         """Raise a ConfigError if these options do not fit the model `cfg`."""
 
+    def variant(self, cfg: VLMConfig) -> str:
+        """What tells this run of the method apart in tables (VISOR: its configuration); "" if nothing."""
+        return ""
+
 
 @dataclass
 class ImageInputs:

@@ -103,6 +103,12 @@ class VisorConfig(MethodConfig):
             return [sa[:k] for k in range(len(sa) + 1)]
         return sorted((sorted(c) for c in self.configurations), key=lambda c: (len(c), c))
 
+    def variant(self, cfg: VLMConfig) -> str:
+        if isinstance(self.configuration, int):
+            return "SA " + ",".join(map(str, self.resolved_configurations(cfg)[self.configuration])) \
+                if self.resolved_configurations(cfg)[self.configuration] else "SA none"
+        return self.configuration
+
     def validate(self, cfg: VLMConfig) -> None:
         check_hr_size(cfg, self.resolved_hr_size(cfg), tiled=True)
         layers = cfg.text.num_layers
