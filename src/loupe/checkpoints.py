@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -31,6 +29,7 @@ from safetensors.torch import save_file
 
 from loupe.config import VLMConfig
 from loupe.errors import CheckpointError, preview
+from loupe.files import folder_atomic
 from loupe.methods import MethodConfig, method_options
 from loupe.vlm import VLM
 
@@ -232,22 +231,11 @@ def save_pretrained(model: VLM, path: str | os.PathLike[str], *, overwrite: bool
                     shard_bytes: int = 5 * 2**30) -> None:
     """Write `model` as a HF-layout folder (+ loupe.json recording the method), atomically:
     everything goes to a temporary folder that replaces `path` only when complete."""
-    folder = Path(path)
-    if folder.exists() and not overwrite:
-        raise CheckpointError(f"{folder} already exists; pass overwrite=True to replace it")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with folder_atomic(path, overwrite, CheckpointError) as tmp:
         _write_weights(model, tmp, shard_bytes)
         (tmp / "config.json").write_text(json.dumps(model.cfg.to_hf(), indent=2))
         meta = {"model": model.cfg.to_dict(), "method": model.method.options.to_dict()}
         (tmp / LOUPE_CONFIG).write_text(json.dumps(meta, indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _write_weights(model: VLM, folder: Path, shard_bytes: int) -> None:

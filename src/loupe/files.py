@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from loupe.errors import LoupeError
 
 
 def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
@@ -29,3 +34,23 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     return write_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def folder_atomic(path: str | os.PathLike[str], overwrite: bool = False,
+                  error: type[LoupeError] = LoupeError) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; when the block completes it replaces `path`
+    whole, and if the block fails it is removed: a reader sees the old folder or the new one."""
+    folder = Path(path)
+    if folder.exists() and not overwrite:
+        raise error(f"{folder} already exists; pass overwrite=True (--overwrite) to replace it")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        yield tmp
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

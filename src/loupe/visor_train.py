@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +45,7 @@ from tqdm import tqdm
 from loupe.data.llava import Example
 from loupe.errors import LoupeError
 from loupe.evaluate import evaluate
+from loupe.files import folder_atomic
 from loupe.methods.visor import Visor, all_subsets
 from loupe.text import Tokenizer
 from loupe.train import ImageSource, Sample, collate, tokenize
@@ -248,12 +247,7 @@ def save_router(model: VLM, folder: str | os.PathLike[str], report: RouterReport
     """router.safetensors + router.json (+ labels.json), written to a temporary folder that
     replaces `folder` whole."""
     method = visor_method(model)
-    folder = Path(folder)
-    if folder.exists() and not overwrite:
-        raise LoupeError(f"{folder} already exists; pass --overwrite to replace it")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with folder_atomic(folder, overwrite) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in method.router.state_dict().items()}
         save_file(state, str(tmp / "router.safetensors"))
         meta = {"configurations": report.configurations, "sa_layers": method.sa_layers,
@@ -261,13 +255,7 @@ def save_router(model: VLM, folder: str | os.PathLike[str], report: RouterReport
         (tmp / "router.json").write_text(json.dumps(meta, indent=2) + "\n")
         if labels is not None:
             (tmp / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    return Path(folder)
 
 
 def load_router(model: VLM, folder: str | os.PathLike[str]) -> dict[str, Any]:
