@@ -60,7 +60,8 @@ from loupe.methods.hd import HDConfig
 from loupe.methods.highres import HighResMethod, check_hr_size, tiled_plan
 from loupe.methods.xattn import CrossAttention
 from loupe.nn.attention import decoder_mask
-from loupe.nn.decoder import AttnContext, RMSNorm
+from loupe.nn.decoder import AttnContext, DecoderLayer, RMSNorm
+from loupe.nn.kv_cache import LayerCache
 from loupe.nn.rope import Rope
 
 if TYPE_CHECKING:
@@ -264,9 +265,9 @@ class Visor(HighResMethod):
             t = torch.cat([t, self.route_token.to(t.dtype).expand(t.shape[0], 1, -1)], dim=1)  # (B, Tt+1, W)
         for i, layer in enumerate(vlm.decoder.layers):
             if route and i == self.sa_layers[0]:
-                t = self._route(t, streams, step, vlm)
+                t = self._route(t, streams, step)
                 route = False
-                if self.stop_after_routing:
+                if self.stop_after_routing:  # routing_states(): the caller reads info, not the output
                     return x
             cache = step.cache.layers[i] if step.cache is not None else None
             if str(i) in self.cross:
@@ -325,7 +326,7 @@ class Visor(HighResMethod):
         return (step.images is not None and self.forced is None and self._fixed_choice() is None
                 and bool(self.sa_layers))
 
-    def _route(self, t: torch.Tensor, streams: Streams, step: Step, vlm: VLM) -> torch.Tensor:
+    def _route(self, t: torch.Tensor, streams: Streams, step: Step) -> torch.Tensor:
         """Read the routing row, choose each sample's configuration, drop the row (and its cache entries)."""
         state_h = t[:, -1]  # (B, W)
         logits = self.router(state_h)  # (B, C)
@@ -351,8 +352,8 @@ class Visor(HighResMethod):
         mask, causal = decoder_mask(key_valid, tt + extra)
         return AttnContext(rope, mask, causal, step.ctx.kernel)
 
-    def _joint_layer(self, layer: nn.Module, t: torch.Tensor, v: torch.Tensor, streams: Streams, step: Step,
-                     i: int, cache: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def _joint_layer(self, layer: DecoderLayer, t: torch.Tensor, v: torch.Tensor, streams: Streams, step: Step,
+                     i: int, cache: LayerCache | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The full decoder layer over the joint rows, in sequence order; visual keys hidden from (and
         visual rows kept for) the samples that do not run layer i as SA."""
         sa = streams.sa[:, i, None]  # (B, 1)
