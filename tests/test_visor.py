@@ -369,3 +369,20 @@ def test_cli_flops_reports_every_budget_at_7290_tokens(capsys: pytest.CaptureFix
     assert main(["flops", "--preset", "llava-ov-0.5b", "--method", "visor", "-o", "configuration=router",
                  "--mix", "0.5,0.5"]) == 2
     assert "a mix of 2 fractions for 9 configurations" in capsys.readouterr().err
+
+
+def test_viable_search_keeps_the_best_subset_of_each_size() -> None:
+    from loupe.visor_train import best_per_size
+    table = {(): 30.0, (1,): 41.0, (3,): 44.0, (5,): 38.0, (1, 3): 47.0, (1, 5): 45.0, (3, 5): 49.0,
+             (1, 3, 5): 50.0}
+    seen: list[tuple[int, ...]] = []
+
+    def score(subset: tuple[int, ...]) -> float:
+        seen.append(subset)
+        return table[subset]
+
+    assert best_per_size([5, 1, 3], score) == [(), (3,), (3, 5), (1, 3, 5)]  # exhaustive
+    assert set(seen) == set(table)
+    seen.clear()
+    assert best_per_size([1, 3, 5], score, exhaustive=2) == [(), (3,), (3, 5), (1, 3, 5)]  # greedy elimination
+    assert (1, 5) in seen and (5,) in seen and (1,) not in seen  # only the children of the kept subsets

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -69,32 +69,42 @@ def viable_configurations(model: VLM, samples: Sequence[Sample], images: ImageSo
     Returns {"configurations": [...] cheapest first, "scores": {subset: accuracy}}."""
     method = visor_method(model)
     scores: dict[tuple[int, ...], float] = {}
+    bar = tqdm(desc="viable", unit="subset", disable=not progress, leave=False)
 
-    def score(subset: Sequence[int]) -> float:
-        key = tuple(sorted(subset))
-        if key not in scores:
-            with method.configured([list(key)]):
-                scores[key] = float(evaluate(model, samples, images, tok, progress=False).summary()["overall"])
-        return scores[key]
+    def score(subset: tuple[int, ...]) -> float:
+        if subset not in scores:
+            with method.configured([list(subset)]):
+                scores[subset] = float(evaluate(model, samples, images, tok, progress=False).summary()["overall"])
+            bar.update()
+        return scores[subset]
 
-    sa = method.sa_layers
+    ladder = best_per_size(method.sa_layers, score)
+    bar.close()
+    return {"configurations": [list(c) for c in ladder],
+            "scores": {",".join(map(str, k)): v for k, v in scores.items()}}
+
+
+def best_per_size(sa_layers: Sequence[int], score: Callable[[tuple[int, ...]], float],
+                  exhaustive: int = EXHAUSTIVE) -> list[tuple[int, ...]]:
+    """The best-scoring subset of `sa_layers` for each size 0..n, smallest first: every
+    subset when n <= `exhaustive`, else greedy backward elimination from the full set
+    (drop the layer whose removal scores best, one at a time; n(n+1)/2 evaluations).
+    Ties go to the subset of earlier layers."""
+    sa = tuple(sorted(sa_layers))
     best: dict[int, tuple[int, ...]] = {}
-    if len(sa) <= EXHAUSTIVE:
-        subsets = all_subsets(sa)
-        for subset in tqdm(subsets, desc="viable", disable=not progress, leave=False):
-            score(subset)
-        for size in range(len(sa) + 1):
-            best[size] = max((tuple(s) for s in subsets if len(s) == size), key=lambda s: (scores[s], [-i for i in s]))
-    else:  # greedy backward elimination: drop the layer whose loss hurts least, one at a time
-        current = tuple(sa)
+    if len(sa) <= exhaustive:
+        for subset in (tuple(c) for c in all_subsets(sa)):
+            value = score(subset)  # every subset is scored (and reported), even a size's only one
+            if len(subset) not in best or value > score(best[len(subset)]):
+                best[len(subset)] = subset
+    else:
+        current = sa
         best[len(sa)] = current
-        score(current)
         while current:
-            options = [tuple(i for i in current if i != drop) for drop in current]
-            current = max(options, key=score)
+            options = [tuple(i for i in current if i != drop) for drop in reversed(current)]
+            current = max(options, key=score)  # max keeps the first of equals: drop the latest layer
             best[len(current)] = current
-    configurations = [list(best[size]) for size in sorted(best)]
-    return {"configurations": configurations, "scores": {",".join(map(str, k)): v for k, v in scores.items()}}
+    return [best[size] for size in sorted(best)]
 
 
 def universal_setup(model: VLM, samples: Sequence[Sample], images: ImageSource, tok: Tokenizer,
