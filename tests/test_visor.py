@@ -201,6 +201,11 @@ def test_cached_generation_equals_recomputation_mixed_and_routed() -> None:
     with model.method.configured(configs):
         cached = generate(model, ids, px, mask, sampling=sampling)
         assert torch.equal(cached, greedy_recompute(model, ids, mask, px, 6))
+    calls: list[int] = []
+    for module in model.method.cross.values():  # count CA key/value projections
+        module.keys_values = (lambda f: lambda v: calls.append(1) or f(v))(module.keys_values)
+    generate(model, ids, px, mask, sampling=sampling)
+    assert len(calls) == len(model.method.ca_layers)  # once per CA layer per request, not per token
     model.method.options.configuration = "router"
     spread_router(model, ids, mask, px)
     info: dict = {}
