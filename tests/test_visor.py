@@ -330,6 +330,10 @@ def test_bad_configurations_images_and_routers(tmp_path: Path) -> None:
                                          r"has \[\[\], \[1\], \[1, 3\]\]"):
         load_router(model, tmp_path / "router")
     assert model.method.options.configuration == "max"  # nothing changed
+    wide = visor(router_hidden=16)
+    save_router(wide, tmp_path / "wide", RouterReport(wide.method.configurations, 0, [], 0.0, 0, 0.0))
+    with pytest.raises(LoupeError, match="do not fit this model's router"):
+        load_router(model, tmp_path / "wide")
     with pytest.raises(LoupeError, match="not a router folder"):
         load_router(model, tmp_path)
 

@@ -337,8 +337,10 @@ def cmd_flops(args: argparse.Namespace) -> int:
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="latency of methods side by side (interleaved, medians), with predicted ratios")
     p.add_argument("--preset", default="llava-1.5-7b", help=f"model shapes: one of {sorted(PRESETS)}")
-    p.add_argument("--methods", nargs="+", default=["lowres", "hd", "xattn", "flexattn"], metavar="METHOD",
-                   help="METHOD or METHOD@HR_SIZE; the first is the reference of the ratios")
+    p.add_argument("--methods", nargs="+", metavar="METHOD",
+                   default=["lowres", "hd", "xattn", "flexattn", "visor@672", "visor@672,configuration=min"],
+                   help="METHOD[@HR_SIZE][,KEY=VALUE...]; the first is the reference of the ratios (visor at "
+                        "672 px by default: at 1008, LLaVA-1.5's 4096 positions are too few for its 5760 tokens)")
     _workload_args(p)
     p.add_argument("--layers", type=int, default=2, help="decoder layers kept (0: all)")
     p.add_argument("--vision-layers", type=int, default=0, help="encoder layers kept (0: all)")

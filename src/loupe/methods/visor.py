@@ -260,7 +260,7 @@ class Visor(HighResMethod):
         streams, state = self._streams(step, x.shape[0])
         t = x.gather(1, _rows(streams.text_idx, x))  # (B, Tt, W)
         v = x.gather(1, _rows(streams.visual_idx, x))  # (B, Nv', W)
-        route = self._wants_routing(state, step)
+        route = self._wants_routing(step)
         if route:
             t = torch.cat([t, self.route_token.to(t.dtype).expand(t.shape[0], 1, -1)], dim=1)  # (B, Tt+1, W)
         for i, layer in enumerate(vlm.decoder.layers):
@@ -322,7 +322,7 @@ class Visor(HighResMethod):
             return torch.zeros(batch, self.cfg.text.num_layers, dtype=torch.bool, device=self.route_token.device)
         return self.masks([self.configurations[choice]]).expand(batch, -1).clone()
 
-    def _wants_routing(self, state: RequestState | None, step: Step) -> bool:
+    def _wants_routing(self, step: Step) -> bool:
         return (step.images is not None and self.forced is None and self._fixed_choice() is None
                 and bool(self.sa_layers))
 
@@ -404,6 +404,11 @@ class Visor(HighResMethod):
         theirs = [sorted(c) for c in configurations]
         if mine != theirs:
             raise LoupeError(f"the router was trained for configurations {theirs}, but this model has {mine}")
+        mine_shapes = {k: tuple(v.shape) for k, v in self.router.state_dict().items()}
+        their_shapes = {k: tuple(v.shape) for k, v in state.items()}
+        if mine_shapes != their_shapes:
+            raise LoupeError(f"the router's weights {their_shapes} do not fit this model's router {mine_shapes} "
+                             "(another width or router_hidden)")
         self.router.load_state_dict({k: v.to(self.route_token.dtype) for k, v in state.items()})
 
     def set_configurations(self, configurations: list[list[int]]) -> None:
