@@ -161,7 +161,8 @@ def test_reproduce_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     labels = [r["label"] for r in report["runs"]]
     assert labels[:8] == ["lowres", "hd", "xattn", "flexattn", "flexattn-random", "flexattn-center", "flexattn@2x",
                           "flexattn@4x"]
-    assert labels[8] == "visor [SA none]" and labels[10] == "visor [SA 1,3]" and labels[11:] == ["visor-router"]
+    assert labels[8] == "visor [SA none]" and labels[10] == "visor [SA 1,3]" and labels[11:] == ["visor-router",
+                                                                                                 "visor-router-all"]
     visor = [r for r in report["runs"] if r["label"].startswith("visor [")]
     assert [r["accuracy"]["sa_layers"] for r in visor] == [0, 1, 2]
     llm = [r["llm_prefill_gflops"] for r in visor]
@@ -204,11 +205,16 @@ def test_cli_visor_universal_training_router_and_generation(synth: Path, tiny_ba
     meta = json.loads((model / "loupe.json").read_text())["method"]
     assert meta["configuration"] == "sample" and meta["configurations"] == viable["configurations"]
 
+    assert main(["router", "labels", "--model", str(model), "--data", str(synth / "train.json"),
+                 "--out", str(tmp_path / "solved.json")]) == 0
+    solved = json.loads((tmp_path / "solved.json").read_text())
+    assert all(s["used"] == (s["scores"][-1] > 0) for s in solved["samples"])  # the maximum answers it
     labels = tmp_path / "labels.json"
     assert main(["router", "labels", "--model", str(model), "--data", str(synth / "train.json"),
-                 "--out", str(labels)]) == 0
+                 "--out", str(labels), "--all-samples", "--score", "likelihood"]) == 0
     table = json.loads(labels.read_text())
     assert table["configurations"] == viable["configurations"] and table["samples"]
+    assert table["score"] == "likelihood" and all(s["used"] for s in table["samples"])
     for s in table["samples"]:
         good = [c for c, score in enumerate(s["scores"]) if score >= RULE * s["scores"][-1]]
         assert s["label"] == good[0]

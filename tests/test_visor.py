@@ -21,7 +21,7 @@ from loupe.methods import method_options
 from loupe.nn.decoder import AttnContext
 from loupe.nn.rope import Rope
 from loupe.tiny import init_random_, tiny_config
-from loupe.visor_train import router_labels
+from loupe.visor_train import informative, router_labels
 
 CFG = tiny_config(layers=4)  # 56 px native (16 LR tokens), GQA 4/2 heads
 HR = 112  # 2 x 2 tiles -> 64 HR tokens: 80 visual tokens per image
@@ -238,8 +238,25 @@ def test_router_labels_follow_the_99_percent_rule() -> None:
                            [0.1, 0.98, 0.5, 1.0],  # 98% is not enough: only the maximum
                            [0.7, 0.9, 0.8, 0.8]])  # above the maximum counts
     assert router_labels(scores).tolist() == [2, 0, 0, 3, 1]
+    assert informative(scores).tolist() == [True, False, True, True, True]  # the maximum answers it
     with pytest.raises(LoupeError, match="non-negative"):
         router_labels(-scores)
+
+
+@torch.no_grad()
+def test_only_questions_the_maximum_answers_teach_the_router() -> None:
+    from loupe.visor_train import fit_router
+    model = visor()
+    scores = torch.tensor([[0.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    states = torch.randn(4, CFG.text.hidden_size)
+    ids = [(f"q{i}", "hard") for i in range(4)]
+    report, table = fit_router(model, ids, scores, states)
+    assert [s["used"] for s in table["samples"]] == [True, False, True, False]
+    assert report.samples == 2 and report.label_counts == [1, 1, 0]
+    report, _ = fit_router(model, ids, scores, states, solved_only=False)
+    assert report.samples == 4 and report.label_counts == [3, 1, 0]
+    with pytest.raises(LoupeError, match="no sample teaches the router"):
+        fit_router(model, ids, torch.zeros(4, 3), states)
 
 
 def test_universal_training_draws_only_viable_configurations() -> None:

@@ -476,8 +476,11 @@ def _add_router(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--data", required=True, help="LLaVA-format JSON: every turn is one routing sample")
         q.add_argument("--out", required=True, help="labels JSON file" if name == "labels" else "router folder")
         q.add_argument("--device", default="cpu")
-        q.add_argument("--score", choices=["likelihood", "exact"], default="likelihood",
-                       help="per-sample score of a configuration: the answer's probability, or exact match")
+        q.add_argument("--score", choices=["exact", "likelihood"], default="exact",
+                       help="per-sample score of a configuration: exact match, or the answer's probability")
+        q.add_argument("--all-samples", action="store_true",
+                       help="let every sample teach the router, also those the maximum configuration fails "
+                            "(default: only those it answers; for the others the 99%% rule is vacuous)")
         q.add_argument("--overwrite", action="store_true")
         if name == "train":
             q.add_argument("--labels", default=None, help="labels from `loupe router labels` (default: build them)")
@@ -500,45 +503,38 @@ def _router_inputs(args: argparse.Namespace) -> tuple[VLM, Tokenizer, list, obje
 
 
 def cmd_router_labels(args: argparse.Namespace) -> int:
-    from loupe.visor_train import label_table, router_labels, score_table
+    from loupe.visor_train import label_table, score_table
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise LoupeError(f"{out} already exists; pass --overwrite to replace it")
     model, _, ids, (samples, images) = _router_inputs(args)
     scores = score_table(model, samples, images, score=args.score)
-    table = label_table(model, ids, scores, router_labels(scores), args.score)
+    table = label_table(model, ids, scores, args.score, solved_only=not args.all_samples)
     write_json(out, table)
-    counts = [sum(1 for s in table["samples"] if s["label"] == c) for c in range(len(table["configurations"]))]
-    print(f"{len(ids)} labels; per configuration {dict(zip(map(str, table['configurations']), counts, strict=True))}"
-          f"; written to {out}")
+    used = [s for s in table["samples"] if s["used"]]
+    counts = [sum(1 for s in used if s["label"] == c) for c in range(len(table["configurations"]))]
+    print(f"{len(ids)} questions, {len(used)} teach the router; their labels per configuration "
+          f"{dict(zip(map(str, table['configurations']), counts, strict=True))}; written to {out}")
     return 0
 
 
 def cmd_router_train(args: argparse.Namespace) -> int:
-    from loupe.visor_train import (
-        label_table,
-        read_labels,
-        router_labels,
-        routing_states,
-        save_router,
-        score_table,
-        train_router,
-    )
+    from loupe.visor_train import fit_router, read_labels, routing_states, save_router, score_table, train_router
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise LoupeError(f"{out} already exists; pass --overwrite to replace it")
     model, _, ids, (samples, images) = _router_inputs(args)
     if args.labels:
-        labels = read_labels(args.labels, model, [i for i, _ in ids])
-        table = None
+        labels, used = read_labels(args.labels, model, [i for i, _ in ids])
+        states = routing_states(model, samples, images)
+        report = train_router(model, states[used], labels[used], epochs=args.epochs, seed=args.seed)
+        save_router(model, out, report, overwrite=args.overwrite)
     else:
         scores = score_table(model, samples, images, score=args.score)
-        labels = router_labels(scores)
-        table = label_table(model, ids, scores, labels, args.score)
-    report = train_router(model, routing_states(model, samples, images), labels, epochs=args.epochs, seed=args.seed)
-    save_router(model, out, report, overwrite=args.overwrite, labels=table)
+        report, _ = fit_router(model, ids, scores, routing_states(model, samples, images), out, args.epochs,
+                               args.seed, args.overwrite, args.score, solved_only=not args.all_samples)
     print(f"router for {report.configurations}: {report.samples} samples, labels per configuration "
           f"{report.label_counts}, training accuracy {report.train_accuracy:.1f}%; written to {out}")
     return 0

@@ -40,7 +40,7 @@ from loupe.flops import Workload
 from loupe.text import Tokenizer
 from loupe.tiny import init_random_, synth_tiny_config, tiny_tokenizer
 from loupe.train import FeatureImages, FeatureStore, PixelImages, Sample, TrainConfig, tokenize, train
-from loupe.visor_train import build_router, universal_setup
+from loupe.visor_train import fit_router, routing_states, score_table, single_turns, universal_setup
 from loupe.vlm import VLM
 
 NATIVE = 64  # the synth-tiny model's native image side
@@ -202,7 +202,8 @@ def visor_runs(base: Path, train_ex: Sequence[Example], val_ex: Sequence[Example
     """VISOR's protocol on the same base, data and fine-tuning budget as the other methods:
     2/3 of the steps on the maximum configuration, the viable search on the validation split,
     1/3 universal (one viable configuration drawn per step); then the router, trained offline on
-    the questions of `plan.router_scenes` training scenes. One row per budget and one routed."""
+    the questions of `plan.router_scenes` training scenes. One row per budget, and two routed:
+    the router as shipped and one taught by every question (see `loupe.visor_train`)."""
     torch.manual_seed(seed)
     model = from_pretrained(base, "visor", dtype=torch.float32, configuration="max", **VISOR)
     steps = plan.finetune.steps
@@ -215,21 +216,29 @@ def visor_runs(base: Path, train_ex: Sequence[Example], val_ex: Sequence[Example
     write_json(out / "visor-universal" / "viable.json", found)
     s2, log2 = _train(model, train_ex, tok, second, store, out / "visor-universal", seed, progress, "visor universal")
     start = time.perf_counter()
-    routed = train_ex[: plan.router_scenes]
-    report, _ = build_router(model, routed, lambda paths: FeatureImages(model, paths, store, tag="router",
-                                                                           progress=progress),
-                             tok, out / "visor-router" / "router", seed=seed, progress=progress, overwrite=True)
-    router_seconds = time.perf_counter() - start
+    turns = single_turns(train_ex[: plan.router_scenes])
+    samples, paths = tokenize(turns, tok, model.method.tokens_per_image())
+    images = FeatureImages(model, paths, store, tag="router", progress=progress)
+    scores = score_table(model, samples, images, progress=progress)
+    states = routing_states(model, samples, images, progress=progress)
+    shared = time.perf_counter() - start
     rows = []
     for k in range(len(model.method.configurations)):
         model.method.options.configuration = k
         label = f"visor [{model.method.options.variant(model.cfg)}]"
         rows.append(assess(label, model, test_ex, tok, plan, store, out / f"visor-{k}", progress, s1 + s2,
                            log2[-1]["loss"]))
-    model.method.options.configuration = "router"
-    rows.append(assess("visor-router", model, test_ex, tok, plan, store, out / "visor-router", progress,
-                       s1 + s2 + router_seconds, log2[-1]["loss"]))
-    write_json(out / "visor-router" / "router_report.json", asdict(report))
+    # The router as shipped (only questions the maximum configuration answers teach it), and the
+    # paper's rule applied to every question, where a failed maximum labels the cheapest budget.
+    for label, solved_only in (("visor-router", True), ("visor-router-all", False)):
+        start = time.perf_counter()
+        report, _ = fit_router(model, [(t.id, t.meta.get("kind")) for t in turns], scores, states,
+                               out / label / "router", seed=seed, overwrite=True, solved_only=solved_only)
+        model.method.options.configuration = "router"
+        seconds = s1 + s2 + shared + time.perf_counter() - start
+        rows.append(assess(label, model, test_ex, tok, plan, store, out / label, progress, seconds,
+                           log2[-1]["loss"]))
+        write_json(out / label / "router_report.json", asdict(report))
     return rows
 
 

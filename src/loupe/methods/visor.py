@@ -416,6 +416,10 @@ class Visor(HighResMethod):
         self.options.configurations = [sorted(c) for c in configurations]
         self.options.validate(self.cfg)
         self.configurations = self.options.resolved_configurations(self.cfg)
+        self.reset_router()
+
+    def reset_router(self) -> None:
+        """A fresh router for the current configurations (random MLP, as after conversion)."""
         t = self.cfg.text
         router = Router(t, self.options.router_hidden or t.hidden_size, len(self.configurations))
         self.router = router.to(self.route_token.device, self.route_token.dtype)
