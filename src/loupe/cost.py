@@ -278,5 +278,4 @@ def _label_of(method: dict[str, Any]) -> str:
 
 
 def _label(c: Cost) -> str:
-    hr = c.method.get("hr_size")
-    return c.method["name"] + (f"@{hr}" if hr else "")
+    return _label_of(c.method)

@@ -52,7 +52,7 @@ from loupe.evaluate import evaluate
 from loupe.files import folder_atomic
 from loupe.methods.visor import Visor, all_subsets
 from loupe.text import Tokenizer
-from loupe.train import ImageSource, Sample, collate, tokenize
+from loupe.train import ImageSource, Sample, collate
 from loupe.vlm import VLM
 
 EXHAUSTIVE = 6  # SA layers up to which every subset is evaluated (2^6 = 64 evaluations)
@@ -297,21 +297,6 @@ def load_router(model: VLM, folder: str | os.PathLike[str]) -> dict[str, Any]:
     method.load_router(load_file(str(files[1])), meta.get("configurations", []))
     method.options.configuration = "router"
     return meta
-
-
-def build_router(model: VLM, examples: Sequence[Example], images_for: Any, tok: Tokenizer,
-                 out: str | os.PathLike[str] | None = None, epochs: int = 300, seed: int = 0,
-                 progress: bool = True, overwrite: bool = False, score: str = "exact",
-                 solved_only: bool = True) -> tuple[RouterReport, dict[str, Any]]:
-    """Labels and router from training `examples`, one routing sample per turn;
-    `images_for(paths)` gives their image source. Saves the router (with labels.json) to `out`."""
-    turns = single_turns(examples)
-    samples, paths = tokenize(turns, tok, model.method.tokens_per_image())
-    images = images_for(paths)
-    scores = score_table(model, samples, images, progress=progress, score=score)
-    states = routing_states(model, samples, images, progress=progress)
-    return fit_router(model, [(t.id, t.meta.get("kind")) for t in turns], scores, states, out, epochs, seed,
-                      overwrite, score, solved_only)
 
 
 def fit_router(model: VLM, ids: Sequence[tuple[str, Any]], scores: torch.Tensor, states: torch.Tensor,

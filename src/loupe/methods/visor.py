@@ -105,17 +105,24 @@ class VisorConfig(MethodConfig):
         return sorted((sorted(c) for c in self.configurations), key=lambda c: (len(c), c))
 
     def variant(self, cfg: VLMConfig) -> str:
-        if isinstance(self.configuration, int):
-            return "SA " + ",".join(map(str, self.resolved_configurations(cfg)[self.configuration])) \
-                if self.resolved_configurations(cfg)[self.configuration] else "SA none"
-        return self.configuration
+        if not isinstance(self.configuration, int):
+            return self.configuration
+        layers = self.resolved_configurations(cfg)[self.configuration]
+        return "SA " + (",".join(map(str, layers)) if layers else "none")
 
     def validate(self, cfg: VLMConfig) -> None:
         check_hr_size(cfg, self.resolved_hr_size(cfg), tiled=True)
+        for what, value in (("ca_layers", self.ca_layers), ("sa_layers", self.sa_layers)):
+            if value is not None and not (isinstance(value, list) and all(isinstance(i, int) for i in value)):
+                raise ConfigError(f"{what}={value!r} must be a list of layer indices, e.g. [0, 3]")
+        if self.configurations is not None and not (isinstance(self.configurations, list) and all(
+                isinstance(c, list) and all(isinstance(i, int) for i in c) for c in self.configurations)):
+            raise ConfigError(f"configurations={self.configurations!r} must be a list of lists of layer indices, "
+                              "e.g. [[], [1], [1, 4]]")
         layers = cfg.text.num_layers
         ca, sa = self.resolved_ca(cfg), self.resolved_sa(cfg)
         for what, chosen in (("ca_layers", ca), ("sa_layers", sa)):
-            bad = [i for i in chosen if not isinstance(i, int) or not 0 <= i < layers]
+            bad = [i for i in chosen if not 0 <= i < layers]
             if bad:
                 raise ConfigError(f"{what}={chosen} names layer(s) {bad} out of range: the model has {layers} "
                                   f"decoder layers (0..{layers - 1})")
@@ -260,9 +267,11 @@ class Visor(HighResMethod):
         streams, state = self._streams(step, x.shape[0])
         t = x.gather(1, _rows(streams.text_idx, x))  # (B, Tt, W)
         v = x.gather(1, _rows(streams.visual_idx, x))  # (B, Nv', W)
-        route = self._wants_routing(step)
+        route = self._wants_routing(step)  # then sa_layers is not empty: routing ends at sa_layers[0]
+        text_ctx = self._text_ctx(streams, step)  # the same for every text-only layer of this call
         if route:
             t = torch.cat([t, self.route_token.to(t.dtype).expand(t.shape[0], 1, -1)], dim=1)  # (B, Tt+1, W)
+            route_ctx = self._text_ctx(streams, step, extra=1)
         for i, layer in enumerate(vlm.decoder.layers):
             if route and i == self.sa_layers[0]:
                 t = self._route(t, streams, step)
@@ -276,11 +285,9 @@ class Visor(HighResMethod):
             if joint:
                 t, v = self._joint_layer(layer, t, v, streams, step, i, cache)
             else:
-                t = layer(t, self._text_ctx(streams, step, extra=int(route)), cache)
+                t = layer(t, route_ctx if route else text_ctx, cache)
             if state is not None and step.images is not None:
                 state.joint.append(joint)
-        if route:  # no SA layer at all: the routing row is dropped unused
-            t = t[:, :-1]
         if step.images is not None:
             step.info.update(sa=streams.sa, sa_layers=streams.sa.sum(-1))  # (B, L), (B,)
         return self._merge(t, v, streams, x)
@@ -358,8 +365,11 @@ class Visor(HighResMethod):
         visual rows kept for) the samples that do not run layer i as SA."""
         sa = streams.sa[:, i, None]  # (B, 1)
         key_valid = step.key_valid & ~(streams.visual_cols & ~sa)  # (B, Tk)
-        x = self._merge(t, v, streams, torch.empty(t.shape[0], t.shape[1] + v.shape[1], t.shape[2],
-                                                   dtype=t.dtype, device=t.device))
+        if v.shape[1] == 0:  # a decode step: the new rows are all text, already in order
+            x = t
+        else:
+            x = self._merge(t, v, streams, torch.empty(t.shape[0], t.shape[1] + v.shape[1], t.shape[2],
+                                                       dtype=t.dtype, device=t.device))
         mask, causal = decoder_mask(key_valid, x.shape[1])
         x = layer(x, AttnContext(step.ctx.rope, mask, causal, step.ctx.kernel), cache)  # (B, T, W)
         new_v = x.gather(1, _rows(streams.visual_idx, x))
