@@ -33,6 +33,8 @@ from tqdm import tqdm
 
 import loupe
 from loupe.methods import ImageInputs, method_options
+from loupe.methods.flexattn import FlexAttention, FlexState
+from loupe.methods.xattn import XAttn
 from loupe.vlm import VLM
 
 N_LR, N_HR, N_HD = 576, 5184, 1024
@@ -58,6 +60,7 @@ def build(layers: int, dtype: torch.dtype) -> dict[str, VLM]:
         m.vision_tower, m.projector, m.decoder = base.vision_tower, base.projector, base.decoder
         m.method.to_empty(device="cpu").to(dtype)
         m.method.init_from_base(m)
+        m.method.init_buffers()
         models[name] = m.eval()
     return models
 
@@ -68,9 +71,8 @@ def inputs(model: VLM, text: int, dtype: torch.dtype) -> tuple[torch.Tensor, Ima
     ids = torch.cat([torch.randint(2, 32000, (5,), generator=g), torch.full((n,), 32000),
                      torch.randint(2, 32000, (text - 5,), generator=g)])[None]
     seq = torch.randn(1, n, 4096, generator=g).to(dtype)
-    extras = {"hr": torch.randn(1, N_HR, 4096, generator=g).to(dtype)} if model.method.name in ("xattn",
-                                                                                              "flexattn") else {}
-    return ids, ImageInputs(seq, extras)
+    hr = torch.randn(1, N_HR, 4096, generator=g).to(dtype) if isinstance(model.method, (XAttn, FlexAttention)) else None
+    return ids, ImageInputs(seq, hr=hr)
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -83,8 +85,8 @@ def decode_step(model: VLM, ids: torch.Tensor, images: ImageInputs, prime_memo: 
     """Prefill (untimed), optionally project every HR token in advance, then time one decode step."""
     cache = model.new_cache(1, ids.shape[1] + 2)
     model(ids, images=images, cache=cache, last_only=True)
-    req = cache.method_state.get("flexattn")
-    if req is not None:
+    req = cache.method_state
+    if isinstance(req, FlexState):
         method = model.method
         for i in range(method.first, model.cfg.text.num_layers):
             if prime_memo:

@@ -8,7 +8,7 @@ import torch
 import loupe
 from loupe.cost import PRESETS, count_flops, estimate, measured_selection
 from loupe.flops import Workload
-from loupe.methods import method_options
+from loupe.methods import MethodReport, method_options
 from loupe.tiny import tiny_config
 
 TEXT = 23  # prompt text tokens besides the image tokens
@@ -43,8 +43,8 @@ def request(model: loupe.VLM, batch: int = 1) -> tuple[torch.Tensor, torch.Tenso
     return ids, torch.randn(batch, 3, size, size, generator=g)
 
 
-def mean_fraction(info: dict) -> float:
-    return measured_selection(info) or 0.1
+def mean_fraction(report: MethodReport) -> float:
+    return measured_selection(report) or 0.1
 
 
 def close(analytic: float, counted: int) -> None:
@@ -60,12 +60,12 @@ def test_prefill_and_decode_step_match_flop_counter(key: str) -> None:
     cache = model.new_cache(1, ids.shape[1] + 2)
     out: dict = {}
     counted_prefill = count_flops(lambda: out.update(r=model(ids, px, cache=cache, last_only=True)))
-    frac = mean_fraction(out["r"].info)
+    frac = mean_fraction(out["r"].report)
     tok = out["r"].logits[:, -1].argmax(-1, keepdim=True)
     counted_decode = count_flops(lambda: out.update(d=model(tok, cache=cache, last_only=True)))
     memoised = key == "flexattn-center"  # the center selection repeats: a memoised step projects nothing
     prefill = estimate(CFG, model.method.options, Workload(TEXT, new_tokens=1, selected=frac, memoised=memoised))
-    decode_frac = mean_fraction(out["d"].info)
+    decode_frac = mean_fraction(out["d"].report)
     decode = estimate(CFG, model.method.options, Workload(TEXT, new_tokens=2, selected=decode_frac,
                                                           memoised=memoised))
     close(prefill.prefill, counted_prefill)
@@ -81,7 +81,7 @@ def test_all_position_logits_and_batch(key: str) -> None:
     ids, px = request(model, batch=2)
     out: dict = {}
     counted = count_flops(lambda: out.update(r=model(ids, px)))
-    frac = mean_fraction(out["r"].info)
+    frac = mean_fraction(out["r"].report)
     cost = estimate(CFG, model.method.options, Workload(TEXT, batch=2, selected=frac, lm_head="all"))
     close(cost.prefill, counted)
 

@@ -12,7 +12,7 @@ from conftest import pixels, prompt_ids
 
 import loupe
 from loupe.generation import SamplingConfig, generate
-from loupe.methods import ImageInputs
+from loupe.methods import ImageInputs, TrainStep
 from loupe.methods import selection as S
 from loupe.methods.highres import encode_tiled, low_res
 from loupe.nn.rope import Rope, rotate_half
@@ -92,7 +92,7 @@ def test_hierarchical_attention_equals_independent_reference(base_path: Path) ->
     with torch.no_grad():
         out = model(ids, px)
         expected = reference_flex(model, ids, px)
-    fractions = out.info["selected_fraction"]
+    fractions = out.report.selected_fraction
     assert set(fractions) == {2, 3} and all(0 < float(f) < 1 for f in fractions.values())
     torch.testing.assert_close(out.logits[:, -1], expected, rtol=1e-4, atol=1e-5)
     lowres = loupe.from_pretrained(base_path, dtype=torch.float32)
@@ -107,18 +107,45 @@ def test_training_gate_blends_from_plain_to_hierarchical(base_path: Path) -> Non
     model = flex(base_path)
     ids, px = prompt_ids(10, 16, seed=11), pixels(1, seed=11, size=HR)
     lowres = loupe.from_pretrained(base_path, dtype=torch.float32)
+    gen = torch.Generator()
+
+    def at_epoch(epoch: float) -> float:
+        model.method.on_train_step(TrainStep(0, epoch, gen))
+        return model.method.current_gate()
+
     with torch.no_grad():
         full = model(ids, px).logits
-        assert model.method.set_gate(epoch=0.0) == 0.0
+        assert at_epoch(0.0) == 0.0
         closed = model(ids, px).logits
-        assert model.method.set_gate(epoch=0.05) == 0.5
+        assert at_epoch(0.05) == 0.5
         half = model(ids, px).logits
         plain = lowres(ids, low_res(px, 56)).logits
     torch.testing.assert_close(closed, plain, rtol=1e-4, atol=1e-5)  # a = 0: HR has no effect
     assert (half - closed).abs().max() > 1e-4 and (half - full).abs().max() > 1e-4
-    assert model.method.set_gate(epoch=3.0) == 1.0
+    assert at_epoch(3.0) == 1.0
     with pytest.raises(loupe.LoupeError, match="epoch=-1"):
-        model.method.set_gate(epoch=-1)
+        model.method.gate_at(epoch=-1)
+
+
+def test_training_gate_survives_save_and_load(base_path: Path, tmp_path: Path) -> None:
+    """The gate is a persistent buffer: a checkpoint saved mid-warm-up runs, after loading, with
+    the gate it had (and a checkpoint without the buffer, from before it existed, loads at 1)."""
+    model = flex(base_path)
+    ids, px = prompt_ids(10, 16, seed=11), pixels(1, seed=11, size=HR)
+    model.method.on_train_step(TrainStep(0, 0.05, torch.Generator()))
+    model.method._training_gate = None  # as after a process restart: only the buffer is left
+    with torch.no_grad():
+        half = model(ids, px).logits
+    loupe.save_pretrained(model, tmp_path / "mid")
+    loaded = loupe.from_pretrained(tmp_path / "mid", dtype=torch.float32)
+    assert float(loaded.method.gate) == 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, px).logits, half, rtol=0, atol=0)
+    from safetensors.torch import load_file, save_file
+    weights = load_file(tmp_path / "mid" / "model.safetensors")
+    del weights["loupe_method.gate"]
+    save_file(weights, tmp_path / "mid" / "model.safetensors", metadata={"format": "pt"})
+    assert float(loupe.from_pretrained(tmp_path / "mid", dtype=torch.float32).method.gate) == 1.0
 
 
 @pytest.mark.parametrize("source", ["official", "paper"])
@@ -142,11 +169,11 @@ def test_batched_equals_per_sample(base_path: Path) -> None:
     with torch.no_grad():
         both = model(ids, px, mask)
         one, two = model(a, px[:1]), model(b, px[1:])
-    sel = both.info["selection"][3]
+    sel = both.report.selection[3]
     assert not torch.equal(sel[0], sel[1])  # different images, different selections
     torch.testing.assert_close(both.logits[0, pad:], one.logits[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(both.logits[1], two.logits[0], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(both.info["selection"][3][0], one.info["selection"][3][0])
+    torch.testing.assert_close(both.report.selection[3][0], one.report.selection[3][0])
 
 
 def test_memoised_generation_equals_reprojecting(base_path: Path) -> None:
@@ -164,7 +191,7 @@ def test_memoised_generation_equals_reprojecting(base_path: Path) -> None:
         for tok in fast[0, :5]:
             step = [m(tok.view(1, 1), cache=c).logits[:, -1] for m, c in zip((memo, again), caches, strict=True)]
             torch.testing.assert_close(step[0], step[1], rtol=1e-4, atol=1e-5)
-    projected = [c.method_state["flexattn"].projected for c in caches]
+    projected = [c.method_state.projected for c in caches]
     assert projected[0] < projected[1]
     assert projected[0] <= 2 * 144  # each HR token at most once per FlexAttention layer
 
@@ -176,7 +203,7 @@ def test_training_rows_see_hr_and_gradients_reach_new_weights_only(base_path: Pa
     rows = torch.zeros_like(ids, dtype=torch.bool)
     rows[0, -4:] = True
     out = model(ids, px, loss_rows=rows)
-    assert out.info["selection"][3].shape == (1, 4, 144)
+    assert out.report.selection[3].shape == (1, 4, 144)
     out.logits[0, -4:].logsumexp(-1).sum().backward()
     for proj in model.method.layers.values():
         assert proj.k_proj.weight.grad.abs().sum() > 0 and proj.v_proj.weight.grad.abs().sum() > 0

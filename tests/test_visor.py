@@ -17,7 +17,8 @@ from loupe.cost import count_flops, estimate
 from loupe.errors import ConfigError, LoupeError
 from loupe.flops import Workload, decoder_layer
 from loupe.generation import SamplingConfig, generate
-from loupe.methods import method_options
+from loupe.methods import RunOptions, TrainStep, method_options
+from loupe.methods.visor import VisorRun
 from loupe.nn.decoder import AttnContext
 from loupe.nn.rope import Rope
 from loupe.tiny import init_random_, tiny_config
@@ -107,10 +108,9 @@ def reference(model: loupe.VLM, ids: torch.Tensor, px: torch.Tensor, sa: list[in
 def test_every_configuration_matches_the_reference(sa: list[int]) -> None:
     model = visor()
     ids, _, px = request(model)
-    with model.method.configured([sa]):
-        out = model(ids, px)
+    out = model(ids, px, run=VisorRun(configurations=[sa]))
     torch.testing.assert_close(out.logits[0], reference(model, ids, px, sa), rtol=1e-4, atol=1e-4)
-    assert out.info["sa_layers"].tolist() == [len(sa)]
+    assert out.report.sa_layers.tolist() == [len(sa)]
 
 
 @torch.no_grad()
@@ -120,17 +120,15 @@ def test_text_only_layers_leave_the_visual_stream_untouched() -> None:
     image = ids[0] == CFG.image_token_id
     seen: list[torch.Tensor] = []
     model.decoder.norm.register_forward_hook(lambda m, args, out: seen.append(args[0][0]))
-    with model.method.configured([[]]):
-        model(ids, px)
+    model(ids, px, run=VisorRun(configurations=[[]]))
     assert torch.equal(seen[-1][image], model.method.encode(model, px).sequence[0])  # never updated
-    with model.method.configured([[1]]):
-        model(ids, px)
-        before = seen[-1]
-        for p in model.decoder.layers[2].parameters():  # a text-only layer here
-            p.data.add_(0.5)
-        for p in model.decoder.layers[3].parameters():  # an SA layer the configuration skips
-            p.data.add_(0.5)
-        model(ids, px)
+    model(ids, px, run=VisorRun(configurations=[[1]]))
+    before = seen[-1]
+    for p in model.decoder.layers[2].parameters():  # a text-only layer here
+        p.data.add_(0.5)
+    for p in model.decoder.layers[3].parameters():  # an SA layer the configuration skips
+        p.data.add_(0.5)
+    model(ids, px, run=VisorRun(configurations=[[1]]))
     after = seen[-1]
     assert torch.equal(after[image], before[image])
     assert not torch.allclose(after[~image], before[~image])
@@ -145,11 +143,11 @@ def test_zero_gate_cross_attention_is_the_text_only_layer() -> None:
     without.method.route_token.data.copy_(with_ca.method.route_token)
     ids, _, px = request(with_ca)
     for sa in SUBSETS:
-        with with_ca.method.configured([sa]), without.method.configured([sa]):
-            torch.testing.assert_close(with_ca(ids, px).logits, without(ids, px).logits, rtol=0, atol=0)
+        run = VisorRun(configurations=[sa])
+        torch.testing.assert_close(with_ca(ids, px, run=run).logits, without(ids, px, run=run).logits, rtol=0, atol=0)
     opened = visor(gate=0.7)
-    with opened.method.configured([[1]]), with_ca.method.configured([[1]]):
-        assert not torch.allclose(opened(ids, px).logits, with_ca(ids, px).logits, atol=1e-3)
+    run = VisorRun(configurations=[[1]])
+    assert not torch.allclose(opened(ids, px, run=run).logits, with_ca(ids, px, run=run).logits, atol=1e-3)
 
 
 @torch.no_grad()
@@ -166,13 +164,11 @@ def test_a_mixed_batch_equals_each_sample_alone() -> None:
     model = visor()
     ids, mask, px = request(model, lengths=(9, 4, 7, 6))
     configs = [[], [1], [3], [1, 3]]
-    with model.method.configured(configs):
-        batched = model(ids, px, mask)
-    assert batched.info["sa_layers"].tolist() == [0, 1, 1, 2]
+    batched = model(ids, px, mask, run=VisorRun(configurations=configs))
+    assert batched.report.sa_layers.tolist() == [0, 1, 1, 2]
     for row, sa in enumerate(configs):
         keep = mask[row].bool()
-        with model.method.configured([sa]):
-            alone = model(ids[row:row + 1, keep], px[row:row + 1])
+        alone = model(ids[row:row + 1, keep], px[row:row + 1], run=VisorRun(configurations=[sa]))
         torch.testing.assert_close(batched.logits[row, keep], alone.logits[0], rtol=1e-4, atol=1e-4)
 
 
@@ -183,10 +179,10 @@ def spread_router(model: loupe.VLM, ids, mask, px) -> None:
     model.method.router.fc2.bias.sub_(model.method.router(states).mean(0))
 
 
-def greedy_recompute(model: loupe.VLM, ids, mask, px, steps: int) -> torch.Tensor:
+def greedy_recompute(model: loupe.VLM, ids, mask, px, steps: int, run: VisorRun | None = None) -> torch.Tensor:
     out = []
     for _ in range(steps):
-        tok = model(ids, px, mask).logits[:, -1].argmax(-1, keepdim=True)
+        tok = model(ids, px, mask, run=run).logits[:, -1].argmax(-1, keepdim=True)
         out.append(tok)
         ids, mask = torch.cat([ids, tok], 1), torch.cat([mask, torch.ones_like(tok)], 1)
     return torch.cat(out, 1)
@@ -198,22 +194,21 @@ def test_cached_generation_equals_recomputation_mixed_and_routed() -> None:
     ids, mask, px = request(model, lengths=(9, 4, 7))
     sampling = SamplingConfig(max_new_tokens=6)
     configs = [[1, 3], [], [3]]
-    with model.method.configured(configs):
-        cached = generate(model, ids, px, mask, sampling=sampling)
-        assert torch.equal(cached, greedy_recompute(model, ids, mask, px, 6))
+    forced = VisorRun(configurations=configs)
+    cached = generate(model, ids, px, mask, sampling=sampling, run=forced)
+    assert torch.equal(cached, greedy_recompute(model, ids, mask, px, 6, forced))
     calls: list[int] = []
     for module in model.method.cross.values():  # count CA key/value projections
         module.keys_values = (lambda f: lambda v: calls.append(1) or f(v))(module.keys_values)
     generate(model, ids, px, mask, sampling=sampling)
     assert len(calls) == len(model.method.ca_layers)  # once per CA layer per request, not per token
-    model.method.options.configuration = "router"
     spread_router(model, ids, mask, px)
-    info: dict = {}
-    routed = generate(model, ids, px, mask, sampling=sampling, info=info)
-    chosen = [model.method.configurations[c] for c in info["configuration"].tolist()]
+    reports: list = []
+    routed = generate(model, ids, px, mask, sampling=sampling, run=VisorRun(configuration="router"),
+                      on_report=reports.append)
+    chosen = [model.method.configurations[c] for c in reports[0].route.tolist()]
     assert len({tuple(c) for c in chosen}) > 1, "the test wants a batch the router splits"
-    with model.method.configured(chosen):
-        assert torch.equal(routed, greedy_recompute(model, ids, mask, px, 6))
+    assert torch.equal(routed, greedy_recompute(model, ids, mask, px, 6, VisorRun(configurations=chosen)))
 
 
 @torch.no_grad()
@@ -222,13 +217,12 @@ def test_the_routing_row_changes_no_output() -> None:
     ids, mask, px = request(model, lengths=(9, 4, 7, 8), seed=3)
     spread_router(model, ids, mask, px)
     routed = model(ids, px, mask)
-    chosen = [model.method.configurations[c] for c in routed.info["configuration"].tolist()]
-    with model.method.configured(chosen):
-        forced = model(ids, px, mask)
+    chosen = [model.method.configurations[c] for c in routed.report.route.tolist()]
+    forced = model(ids, px, mask, run=VisorRun(configurations=chosen))
     assert len({tuple(c) for c in chosen}) > 1
     torch.testing.assert_close(routed.logits, forced.logits, rtol=0, atol=0)
     states = model.method.routing_states(model, input_ids=ids, pixel_values=px, attention_mask=mask)
-    assert torch.equal(model.method.router(states).argmax(-1), routed.info["configuration"])
+    assert torch.equal(model.method.router(states).argmax(-1), routed.report.route)
 
 
 def test_router_labels_follow_the_99_percent_rule() -> None:
@@ -265,14 +259,16 @@ def test_universal_training_draws_only_viable_configurations() -> None:
     ids, mask, px = request(model)
     gen = torch.Generator().manual_seed(0)
     drawn = set()
-    for _ in range(30):
-        index = model.method.on_train_step(gen)["configuration"]
+    for step in range(30):
+        draw = model.method.on_train_step(TrainStep(step, 0.0, gen))
+        index = int(draw.label)
         drawn.add(index)
-        sa = model(ids, px, mask).info["sa"][0].nonzero()[:, 0].tolist()
+        sa = model(ids, px, mask, run=draw.run).report.sa[0].nonzero()[:, 0].tolist()
         assert sa == viable[index]
     assert drawn == {0, 1, 2}
     model.eval()
-    assert model(ids, px, mask).info["sa"][0].nonzero()[:, 0].tolist() == [1, 3]  # inference: the maximum
+    assert model(ids, px, mask).report.sa[0].nonzero()[:, 0].tolist() == [1, 3]  # inference: the maximum
+    assert model.method.options.configuration == "sample"  # drawing changed no option
 
 
 @pytest.mark.parametrize("configuration", ["max", "min", 1, "router"])
@@ -288,7 +284,7 @@ def test_prefill_and_decode_flops_match_the_counter(configuration) -> None:
     mix = None
     if configuration == "router":
         mix = [0.0] * len(model.method.configurations)
-        mix[int(out["r"].info["configuration"])] = 1.0
+        mix[int(out["r"].report.route)] = 1.0
     cost = estimate(CFG, model.method.options, Workload(23, new_tokens=2, mix=mix))
     assert cost.prefill == prefill
     assert cost.decode_per_token == decode
@@ -332,11 +328,11 @@ def test_bad_configurations_images_and_routers(tmp_path: Path) -> None:
     model = visor()
     ids, mask, px = request(model, lengths=(9, 5))
     with pytest.raises(ConfigError, match=r"configuration \[0, 1\] is not a subset"):
-        with model.method.configured([[0, 1]]):
-            pass
+        model(ids, px, mask, run=VisorRun(configurations=[[0, 1]]))
     with pytest.raises(LoupeError, match="3 configurations given for a batch of 2"):
-        with model.method.configured([[], [1], [3]]):
-            model(ids, px, mask)
+        model(ids, px, mask, run=VisorRun(configurations=[[], [1], [3]]))
+    with pytest.raises(LoupeError, match="takes VisorRun run options"):
+        model(ids, px, mask, run=RunOptions())
     with pytest.raises(LoupeError, match="needs an image"):
         model(ids[:, -3:])
     with pytest.raises(LoupeError, match="exactly one image per sample"):
@@ -374,8 +370,8 @@ def test_convert_from_llava_adds_nothing_before_training(tmp_path: Path, capsys:
     ids = torch.cat([torch.tensor([[1, 7]]), torch.full((1, 80), 127), torch.tensor([[9, 10, 11]])], 1)
     px = torch.randn(1, 3, HR, HR, generator=torch.Generator().manual_seed(0))
     for sa in ([], [1]):
-        with converted.method.configured([sa]), bare.method.configured([sa]):
-            torch.testing.assert_close(converted(ids, px).logits, bare(ids, px).logits, rtol=0, atol=0)
+        run = VisorRun(configurations=[sa])
+        torch.testing.assert_close(converted(ids, px, run=run).logits, bare(ids, px, run=run).logits, rtol=0, atol=0)
     assert main(["convert", str(src), str(tmp_path / "bad"), "--method", "visor", "-o", "ca_layers=[0,9]"]) == 2
     assert "ca_layers=[0, 9] names layer(s) [9] out of range: the model has 4 decoder layers" in \
         capsys.readouterr().err

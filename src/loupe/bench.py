@@ -17,7 +17,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import gc
-import json
 import os
 import statistics
 import threading
@@ -32,44 +31,9 @@ from loupe.config import VLMConfig
 from loupe.cost import Preset, estimate, measured_selection
 from loupe.errors import LoupeError
 from loupe.flops import Workload
-from loupe.methods import Method, MethodConfig, build_method, method_options
+from loupe.methods import Method, MethodConfig, build_method, method_label
 from loupe.tiny import init_random_
 from loupe.vlm import VLM
-
-
-def parse_method(spec: str, hr_size: int | None = None, **options: Any) -> MethodConfig:
-    """'flexattn@1008' or 'visor@1008,configuration=min' -> the method's options (hr_size
-    from '@', else `hr_size` if the method has one). `options` apply where the method has
-    such a field; the spec's own KEY=VALUE pairs (values read as JSON) apply to it alone."""
-    head, *pairs = spec.split(",")
-    name, _, size = head.partition("@")
-    fields = {f.name for f in dataclasses.fields(method_options(name).__class__)}
-    chosen = {k: v for k, v in options.items() if k in fields and v is not None}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or key not in fields:
-            raise LoupeError(f"{pair!r} in {spec!r} is not KEY=VALUE with KEY an option of {name!r} "
-                             f"({sorted(fields)})")
-        try:
-            chosen[key] = json.loads(value)
-        except json.JSONDecodeError:
-            chosen[key] = value
-    if size:
-        if "hr_size" not in fields:
-            raise LoupeError(f"method {name!r} takes no HR size, but {spec!r} gives one")
-        try:
-            chosen["hr_size"] = int(size)
-        except ValueError:
-            raise LoupeError(f"HR size {size!r} in {spec!r} is not an integer") from None
-    elif hr_size is not None and "hr_size" in fields:
-        chosen["hr_size"] = hr_size
-    return method_options(name, **chosen)
-
-
-def label(options: MethodConfig, cfg: VLMConfig) -> str:
-    hr = getattr(options, "resolved_hr_size", None)
-    variant = options.variant(cfg)
-    return options.name + (f"@{hr(cfg)}" if hr else "") + (f" [{variant}]" if variant else "")
 
 
 @dataclass
@@ -218,10 +182,10 @@ def run_once(model: VLM, ids: torch.Tensor, pixels: torch.Tensor, new_tokens: in
             for _ in range(new_tokens - 1):
                 step = model(tok, cache=cache, last_only=True)
                 tok = step.logits[:, -1].argmax(-1, keepdim=True)
-                fresh.append(step.info.get("projected_fraction"))
+                fresh.append(step.report.projected_fraction)
     per_step = decode.seconds / max(1, new_tokens - 1)
     known = [f for f in fresh if f is not None]
-    return Sample(prefill.seconds, per_step, mem.peak_bytes, measured_selection(out.info),
+    return Sample(prefill.seconds, per_step, mem.peak_bytes, measured_selection(out.report),
                   statistics.fmean(known) if known else None)
 
 
@@ -245,9 +209,9 @@ def benchmark(preset: Preset, cfg: BenchConfig, reference: int = 0, progress: bo
         raise LoupeError(f"device {cfg.device!r} asked for, but CUDA is not available")
     torch.manual_seed(cfg.seed)
     model = _random_model(model_cfg, cfg.dtype, device)
-    methods = {label(o, model_cfg): _method(model, o) for o in cfg.methods}
+    methods = {method_label(o, model_cfg): _method(model, o) for o in cfg.methods}
     if len(methods) != len(cfg.methods):
-        raise LoupeError(f"the same method is listed twice: {[label(o, model_cfg) for o in cfg.methods]}")
+        raise LoupeError(f"the same method is listed twice: {[method_label(o, model_cfg) for o in cfg.methods]}")
     gen = torch.Generator().manual_seed(cfg.seed)
     inputs = {name: request(model, m, cfg, gen) for name, m in methods.items()}
     samples: dict[str, list[Sample]] = {name: [] for name in methods}
@@ -285,6 +249,7 @@ def _method(model: VLM, options: MethodConfig) -> Method:
     method = method.to_empty(device=model.device).to(model.dtype)
     init_random_(method)
     method.init_from_base(model)
+    method.init_buffers()
     return method.eval()
 
 

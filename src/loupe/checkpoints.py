@@ -203,7 +203,10 @@ def _check_keys(model: VLM, state: dict[str, torch.Tensor], folder: str, new_met
     if model.cfg.text.tie_word_embeddings:
         expected.discard("decoder.lm_head.weight")
     found = set(state)
-    missing = sorted(k for k in expected - found if not (new_method and k.startswith("method.")))
+    # A method's buffers (FlexAttention's training gate) may be absent from a checkpoint written
+    # before they existed: they get their initial values (`Method.init_buffers`).
+    buffers = {f"method.{name}" for name, _ in model.method.named_buffers()}
+    missing = sorted(k for k in expected - found - buffers if not (new_method and k.startswith("method.")))
     unexpected = sorted(loupe_to_hf(k) if not k.startswith("?") else k[1:] for k in found - expected)
     if missing:
         raise CheckpointError(f"checkpoint {folder} lacks {len(missing)} weight(s) the model needs: "
@@ -221,7 +224,14 @@ def _materialise_new(model: VLM, device: torch.device, dtype: torch.dtype) -> No
     if any(p.is_meta for p in model.method.parameters()):
         model.method.to_empty(device=device).to(dtype)
         model.method.init_from_base(model)
-    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+        model.method.init_buffers()
+    elif any(b.is_meta for b in model.method.buffers()):
+        for module in model.method.modules():  # only buffers are left on meta: give them storage
+            for name, buf in module.named_buffers(recurse=False):
+                if buf.is_meta:
+                    setattr(module, name, torch.empty(buf.shape, device=device, dtype=dtype))
+        model.method.init_buffers()
+    still_meta = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
     if still_meta:
         raise CheckpointError(f"weights left uninitialised after loading: {preview(still_meta)}")
 
@@ -261,3 +271,39 @@ def _write_weights(model: VLM, folder: Path, shard_bytes: int) -> None:
     index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
              "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], method: str, *,
+            options: dict[str, object] | None = None, clip: str | os.PathLike[str] | None = None,
+            dtype: torch.dtype | None = None, overwrite: bool = False) -> VLM:
+    """`loupe convert`: the checkpoint `src` (a LLaVA folder, or with `clip` the FlexAttention
+    release's LLM folder) as a `method` model in `dst`, its new weights initialised from the
+    base, the tokenizer copied along."""
+    options = options or {}
+    if clip is not None:
+        from loupe.release import from_flexattention_release
+        if method != "flexattn":
+            raise CheckpointError(f"--clip reads the FlexAttention release, which is a flexattn model, not {method!r}")
+        model = from_flexattention_release(src, clip, dtype=dtype, **options)
+    else:
+        model = from_pretrained(src, method, dtype=dtype, **options)
+    save_pretrained(model, dst, overwrite=overwrite)
+    tokenizer = Path(src) / "tokenizer.json"
+    if tokenizer.is_file():
+        (Path(dst) / "tokenizer.json").write_bytes(tokenizer.read_bytes())
+    return model
+
+
+def model_info(model: VLM) -> dict[str, object]:
+    """Method, dtype, parameter counts per part, image tokens and config (`loupe info`)."""
+    def count(module: torch.nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    return {
+        "method": model.method.options.to_dict(),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "parameters": {"vision_tower": count(model.vision_tower), "projector": count(model.projector),
+                       "decoder": count(model.decoder), "method": count(model.method), "total": count(model)},
+        "image_tokens_per_image": model.method.tokens_per_image(),
+        "config": model.cfg.to_dict(),
+    }

@@ -4,37 +4,22 @@ prints one clear line and exits with status 2, never a traceback."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from loupe.bench import parse_method
-from loupe.checkpoints import from_pretrained
-from loupe.cost import (
-    CONVENTIONS,
-    PRESETS,
-    Preset,
-    budget_table,
-    budgets,
-    compare_table,
-    estimate,
-    format_flops,
-    parts_table,
-    preset,
-)
+from loupe.checkpoints import convert, from_pretrained, model_info
+from loupe.cost import CONVENTIONS, PRESETS, preset
 from loupe.errors import LoupeError
 from loupe.files import write_json
 from loupe.flops import Workload
-from loupe.generation import SamplingConfig, generate
-from loupe.images import ImageProcessor, load_image
-from loupe.methods import METHODS, MethodConfig
-from loupe.text import Tokenizer, llava_prompt
+from loupe.generation import SamplingConfig, answer, stream_printer
+from loupe.methods import METHODS, RunOptions, parse_method
+from loupe.text import Tokenizer
 from loupe.vlm import VLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -127,21 +112,8 @@ def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from loupe.checkpoints import save_pretrained
-    from loupe.release import from_flexattention_release
-
-    options = parse_options(args.option)
-    dtype = DTYPES[args.dtype] if args.dtype else None
-    if args.clip:
-        if args.method != "flexattn":
-            raise LoupeError(f"--clip reads the FlexAttention release, which is a flexattn model, not {args.method!r}")
-        model = from_flexattention_release(args.src, args.clip, dtype=dtype, **options)
-    else:
-        model = from_pretrained(args.src, args.method, dtype=dtype, **options)
-    save_pretrained(model, args.dst, overwrite=args.overwrite)
-    tokenizer = Path(args.src) / "tokenizer.json"
-    if tokenizer.is_file():
-        (Path(args.dst) / "tokenizer.json").write_bytes(tokenizer.read_bytes())
+    model = convert(args.src, args.dst, args.method, options=parse_options(args.option), clip=args.clip,
+                    dtype=DTYPES[args.dtype] if args.dtype else None, overwrite=args.overwrite)
     print(f"wrote {args.method} checkpoint to {args.dst} ({model.method.options.to_dict()})")
     return 0
 
@@ -158,56 +130,24 @@ def _load(args: argparse.Namespace) -> VLM:
     return from_pretrained(args.model, args.method, dtype=dtype, device=args.device)
 
 
-def stream_printer(tok: Tokenizer) -> Callable[[torch.Tensor], None]:
-    """A callback printing newly decoded text as tokens arrive (batch of one)."""
-    ids: list[int] = []
-    shown = ""
-
-    def on_token(step: torch.Tensor) -> None:
-        nonlocal shown
-        ids.append(int(step[0]))
-        text = tok.decode(ids)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            print(text[len(shown):], end="", flush=True)
-            shown = text
-
-    return on_token
-
-
-def run_generation(model: VLM, tok: Tokenizer, image_path: str, prompt: str, sampling: SamplingConfig) -> str:
-    image = load_image(image_path)
-    pixels = ImageProcessor(size=model.method.image_size()).batch([image])
-    ids, mask = tok.pad_left([tok.encode(llava_prompt(prompt), model.method.tokens_per_image())])
-    sizes = torch.tensor([[image.height, image.width]])
-    out = generate(model, ids, pixels, mask, sampling, on_token=stream_printer(tok), image_sizes=sizes)
+def run_generation(model: VLM, tok: Tokenizer, image_path: str, prompt: str, sampling: SamplingConfig,
+                   run: RunOptions | None = None) -> str:
+    text = answer(model, tok, image_path, prompt, sampling, run, on_token=stream_printer(tok))
     print()
-    return tok.decode(out[0].tolist())
+    return text
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     model = _load(args)
+    run = None
     if args.router:
         from loupe.visor_train import load_router
-        load_router(model, args.router)
+        run = load_router(model, args.router)
     tok = Tokenizer.from_folder(args.model, model.cfg.image_token_id)
     stops = [tok.eos_id] if tok.eos_id is not None else model.cfg.text.eos_token_ids
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, stops, args.seed)
-    run_generation(model, tok, args.image, args.prompt, sampling)
+    run_generation(model, tok, args.image, args.prompt, sampling, run)
     return 0
-
-
-def model_info(model: VLM) -> dict[str, object]:
-    def count(module: torch.nn.Module) -> int:
-        return sum(p.numel() for p in module.parameters())
-
-    return {
-        "method": model.method.options.to_dict(),
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "parameters": {"vision_tower": count(model.vision_tower), "projector": count(model.projector),
-                       "decoder": count(model.decoder), "method": count(model.method), "total": count(model)},
-        "image_tokens_per_image": model.method.tokens_per_image(),
-        "config": model.cfg.to_dict(),
-    }
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -278,59 +218,14 @@ def _add_flops(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=cmd_flops)
 
 
-def _model_shapes(args: argparse.Namespace) -> tuple[Preset, MethodConfig | None, str]:
-    """The preset (or the checkpoint's config as one), the checkpoint's method, and a name."""
-    if args.preset:
-        if args.preset == "list":
-            raise LoupeError("presets: " + "; ".join(f"{k} ({v.description})" for k, v in PRESETS.items()))
-        return preset(args.preset), None, args.preset
-    from loupe.checkpoints import read_config
-    folder = Path(args.model)
-    if not folder.is_dir():
-        raise LoupeError(f"--model {args.model!r} is not a folder")
-    cfg, stored = read_config(folder)
-    return Preset(cfg, f"checkpoint {folder}"), stored, str(folder)
-
-
 def cmd_flops(args: argparse.Namespace) -> int:
-    shapes, stored, source = _model_shapes(args)
-    options = parse_options(args.option)
-    specs = args.compare or [args.method or (stored.name if stored else "lowres")]
+    from loupe.cost import flops_report
+
     workload = Workload(args.prompt_tokens, args.new_tokens, args.batch, selected=args.selected_ratio,
                         memoised=not args.reproject, lm_head=args.lm_head, mix=_floats(args.mix, "--mix"))
-    methods = [stored if stored and spec == stored.name and not options and args.hr_size is None else
-               parse_method(spec, args.hr_size, **options) for spec in specs]
-    if workload.mix is None:  # a routed visor without a mix: cost its budgets (the mix is what routing decides)
-        methods = [dataclasses.replace(m, configuration="max") if getattr(m, "configuration", None) == "router"
-                   else m for m in methods]
-    costs = [estimate(shapes.config, m, workload, convention=args.convention, class_token=shapes.class_token)
-             for m in methods]
-    method = methods[0]
-    several = len(costs) == 1 and len(METHODS[method.name].budgets(shapes.config, method)) > 1 \
-        and args.convention == "flops"
-    report = budgets(shapes.config, method, workload, class_token=shapes.class_token) if several else None
-    if args.json:
-        body = costs[0].to_dict() if len(costs) == 1 else {
-            "methods": [c.to_dict() for c in costs], "ratios": [c.total / costs[0].total for c in costs]}
-        if report is not None:
-            body["budgets"] = report
-        print(json.dumps({"model": source, **body}, indent=2))
-        return 0
-    unit = "multiply-accumulates over image tokens" if args.convention == "image-macs" else "FLOPs (2 x MACs)"
-    print(f"{source}: {shapes.description}")
-    print(f"workload: {json.dumps(workload.to_dict())}; {unit}\n")
-    if len(costs) == 1:
-        c = costs[0]
-        print(parts_table(c))
-        if args.convention == "flops":
-            print(f"\nprefill {format_flops(c.prefill)}, decode {format_flops(c.decode_per_token)} per token")
-        print(f"image tokens in the sequence: {c.image_tokens}, equivalent image tokens: "
-              f"{c.equivalent_image_tokens:.0f}")
-        if report is not None:
-            print(f"\nevery budget of this {method.name} model (saving: the dense reference's FLOPs / the budget's)\n")
-            print(budget_table(report))
-    else:
-        print(compare_table(costs))
+    report = flops_report(args.preset, args.model, args.compare or ([args.method] if args.method else None), workload,
+                          hr_size=args.hr_size, options=parse_options(args.option), convention=args.convention)
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.text())
     return 0
 
 
@@ -392,16 +287,10 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    from loupe.data.synthetic import SynthConfig, write_dataset
+    from loupe.data.synthetic import synth_dataset
 
-    out = Path(args.out)
-    if (out / "train.json").exists() and not args.overwrite:
-        raise LoupeError(f"{out} already holds a dataset; pass --overwrite to replace it")
-    if args.native < 16 or args.native % 8:
-        raise LoupeError(f"--native {args.native} must be a multiple of 8, at least 16")
-    write_dataset(out, args.n, args.seed, SynthConfig(native=args.native))
-    counts = {split: len(json.loads((out / f"{split}.json").read_text())) for split in ("train", "val", "test")}
-    print(f"wrote {out}: records {counts}")
+    counts = synth_dataset(args.out, args.n, args.seed, args.native, args.overwrite)
+    print(f"wrote {args.out}: records {counts}")
     return 0
 
 
@@ -430,38 +319,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from loupe.data.llava import read_llava
-    from loupe.train import FeatureImages, PixelImages, TrainConfig, tokenize, train
+    from loupe.train import TrainConfig, train_run
 
-    out = Path(args.out)
-    if (out / "final").exists() and not args.overwrite:
-        raise LoupeError(f"{out} already holds a trained model; pass --overwrite to replace it")
-    examples = read_llava(args.data)
-    model = from_pretrained(args.model, args.method, dtype=DTYPES[args.dtype] if args.dtype else torch.float32,
-                            device=args.device, **parse_options(args.option))
-    tok = Tokenizer.from_folder(args.model, model.cfg.image_token_id)
-    prefixes = tuple(p.strip() for p in args.train.split(",") if p.strip())
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, train=prefixes,
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                      train=tuple(p.strip() for p in args.train.split(",") if p.strip()),
                       checkpoint_every=args.checkpoint_every, seed=args.seed)
-    samples, paths = tokenize(examples, tok, model.method.tokens_per_image())
-    frozen_encoder = not any(p.startswith(("vision_tower", "projector")) for p in prefixes)
-
-    def images_for(paths: list[Path]) -> FeatureImages | PixelImages:
-        return FeatureImages(model, paths) if frozen_encoder else PixelImages(paths, model.method.image_size())
-
-    images = images_for(paths)
-    if out.exists() and args.overwrite:
-        (out / "train_log.jsonl").unlink(missing_ok=True)
-    if args.viable_from:
-        from loupe.visor_train import universal_setup
-        val, val_paths = tokenize(read_llava(args.viable_from), tok, model.method.tokens_per_image())
-        found = universal_setup(model, val, images_for(val_paths), tok)
-        write_json(out / "viable.json", found)
-        print(f"viable configurations: {found['configurations']} (validation accuracy of every subset in "
-              f"{out / 'viable.json'})")
-    log = train(model, samples, images, cfg, tok.pad_id, out)
-    (out / "final" / "tokenizer.json").write_bytes((Path(args.model) / "tokenizer.json").read_bytes())
-    print(f"trained {cfg.steps} steps, final loss {log[-1]['loss']:.4f}; model in {out / 'final'}")
+    done = train_run(args.model, args.data, args.out, cfg, method=args.method, options=parse_options(args.option),
+                     dtype=DTYPES[args.dtype] if args.dtype else None, device=args.device,
+                     viable_from=args.viable_from, overwrite=args.overwrite)
+    if done.viable is not None:
+        print(f"viable configurations: {done.viable['configurations']} (validation accuracy of every subset in "
+              f"{Path(args.out) / 'viable.json'})")
+    print(f"trained {cfg.steps} steps, final loss {done.log[-1]['loss']:.4f}; model in {done.final}")
     return 0
 
 
@@ -489,54 +358,25 @@ def _add_router(sub: argparse._SubParsersAction) -> None:
         q.set_defaults(run=run)
 
 
-def _router_inputs(args: argparse.Namespace) -> tuple[VLM, Tokenizer, list, object]:
-    from loupe.data.llava import read_llava
-    from loupe.train import FeatureImages, tokenize
-    from loupe.visor_train import single_turns, visor_method
-
-    model = from_pretrained(args.model, dtype=torch.float32, device=args.device)
-    visor_method(model)
-    tok = Tokenizer.from_folder(args.model, model.cfg.image_token_id)
-    turns = single_turns(read_llava(args.data))
-    samples, paths = tokenize(turns, tok, model.method.tokens_per_image())
-    return model, tok, [(t.id, t.meta.get("kind")) for t in turns], (samples, FeatureImages(model, paths))
-
-
 def cmd_router_labels(args: argparse.Namespace) -> int:
-    from loupe.visor_train import label_table, score_table
+    from loupe.visor_train import router_data, write_router_labels
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise LoupeError(f"{out} already exists; pass --overwrite to replace it")
-    model, _, ids, (samples, images) = _router_inputs(args)
-    scores = score_table(model, samples, images, score=args.score)
-    table = label_table(model, ids, scores, args.score, solved_only=not args.all_samples)
-    write_json(out, table)
+    rd = router_data(args.model, args.data, args.device)
+    table = write_router_labels(rd, args.out, args.score, solved_only=not args.all_samples, overwrite=args.overwrite)
     used = [s for s in table["samples"] if s["used"]]
     counts = [sum(1 for s in used if s["label"] == c) for c in range(len(table["configurations"]))]
-    print(f"{len(ids)} questions, {len(used)} teach the router; their labels per configuration "
-          f"{dict(zip(map(str, table['configurations']), counts, strict=True))}; written to {out}")
+    print(f"{len(rd.ids)} questions, {len(used)} teach the router; their labels per configuration "
+          f"{dict(zip(map(str, table['configurations']), counts, strict=True))}; written to {args.out}")
     return 0
 
 
 def cmd_router_train(args: argparse.Namespace) -> int:
-    from loupe.visor_train import fit_router, read_labels, routing_states, save_router, score_table, train_router
+    from loupe.visor_train import router_data, train_router_from
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise LoupeError(f"{out} already exists; pass --overwrite to replace it")
-    model, _, ids, (samples, images) = _router_inputs(args)
-    if args.labels:
-        labels, used = read_labels(args.labels, model, [i for i, _ in ids])
-        states = routing_states(model, samples, images)
-        report = train_router(model, states[used], labels[used], epochs=args.epochs, seed=args.seed)
-        save_router(model, out, report, overwrite=args.overwrite)
-    else:
-        scores = score_table(model, samples, images, score=args.score)
-        report, _ = fit_router(model, ids, scores, routing_states(model, samples, images), out, args.epochs,
-                               args.seed, args.overwrite, args.score, solved_only=not args.all_samples)
+    report = train_router_from(router_data(args.model, args.data, args.device), args.out, args.labels, args.epochs,
+                               args.seed, args.score, solved_only=not args.all_samples, overwrite=args.overwrite)
     print(f"router for {report.configurations}: {report.samples} samples, labels per configuration "
-          f"{report.label_counts}, training accuracy {report.train_accuracy:.1f}%; written to {out}")
+          f"{report.label_counts}, training accuracy {report.train_accuracy:.1f}%; written to {args.out}")
     return 0
 
 

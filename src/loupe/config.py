@@ -51,7 +51,8 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
-    """A LLaMA-style decoder: RMSNorm, rotate-half RoPE, SwiGLU, grouped-query attention."""
+    """A LLaMA-style decoder: RMSNorm, rotate-half RoPE, SwiGLU, grouped-query attention;
+    Qwen2 is the same with `qkv_bias` (and, for the small models, tied embeddings)."""
 
     vocab_size: int = 32064
     hidden_size: int = 4096
@@ -63,7 +64,8 @@ class TextConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 4096
-    attention_bias: bool = False
+    attention_bias: bool = False  # bias on q, k, v and o (LLaMA's `attention_bias`)
+    qkv_bias: bool = False  # bias on q, k, v only (Qwen2)
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 1
@@ -94,6 +96,11 @@ class VLMConfig:
     feature_strategy: str = "default"  # "default" drops the class token, "full" keeps it
     projector_bias: bool = True
     projector_act: str = "gelu"
+    # The model family's replaceable parts, by name (`loupe.vlm.VISION_TOWERS`, `PROJECTORS`,
+    # `loupe.packing.PACKINGS`): LLaVA-1.5 is a CLIP tower, a 2-layer GELU MLP, spliced tokens.
+    vision_tower: str = "clip"
+    projector: str = "mlp2x_gelu"
+    image_packing: str = "splice"
 
     def __post_init__(self) -> None:
         if isinstance(self.vision, dict):
@@ -157,12 +164,14 @@ class VLMConfig:
                 "num_channels": v.num_channels, "layer_norm_eps": v.layer_norm_eps, "hidden_act": v.hidden_act,
             },
             "text_config": {
-                "model_type": "llama", "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
+                "model_type": "qwen2" if t.qkv_bias else "llama", "vocab_size": t.vocab_size,
+                "hidden_size": t.hidden_size,
                 "intermediate_size": t.intermediate_size, "num_hidden_layers": t.num_layers,
                 "num_attention_heads": t.num_heads, "num_key_value_heads": t.num_kv_heads,
                 "head_dim": t.head_dim, "rope_theta": t.rope_theta, "rms_norm_eps": t.rms_norm_eps,
-                "max_position_embeddings": t.max_position_embeddings, "attention_bias": t.attention_bias,
-                "mlp_bias": t.mlp_bias, "tie_word_embeddings": t.tie_word_embeddings, "hidden_act": "silu",
+                "max_position_embeddings": t.max_position_embeddings,
+                **({"attention_bias": t.attention_bias, "mlp_bias": t.mlp_bias} if not t.qkv_bias else {}),
+                "tie_word_embeddings": t.tie_word_embeddings, "hidden_act": "silu",
                 "bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id, "pad_token_id": t.pad_token_id,
             },
         }
@@ -189,9 +198,15 @@ def _vision_from_hf(v: dict[str, Any]) -> VisionConfig:
     )
 
 
+TEXT_MODEL_TYPES = ("llama", "qwen2")  # Qwen2 = LLaMA + q/k/v bias
+
+
 def _text_from_hf(t: dict[str, Any]) -> TextConfig:
     model_type = t.get("model_type", "llama")
-    _require(model_type == "llama", "text_config.model_type", model_type, "llama")
+    _require(model_type in TEXT_MODEL_TYPES, "text_config.model_type", model_type, " or ".join(TEXT_MODEL_TYPES))
+    if model_type == "qwen2":
+        _require(not t.get("use_sliding_window", False), "text_config.use_sliding_window",
+                 t.get("use_sliding_window"), "false (full attention in every layer)")
     _require(t.get("hidden_act", "silu") == "silu", "text_config.hidden_act", t.get("hidden_act"), "silu")
     _require(t.get("pretraining_tp", 1) == 1, "text_config.pretraining_tp", t.get("pretraining_tp"), "1")
     hidden, heads = t.get("hidden_size", 4096), t.get("num_attention_heads", 32)
@@ -207,6 +222,7 @@ def _text_from_hf(t: dict[str, Any]) -> TextConfig:
         rms_norm_eps=t.get("rms_norm_eps", 1e-5),
         max_position_embeddings=t.get("max_position_embeddings", 4096),
         attention_bias=bool(t.get("attention_bias", False)),
+        qkv_bias=model_type == "qwen2",
         mlp_bias=bool(t.get("mlp_bias", False)),
         tie_word_embeddings=bool(t.get("tie_word_embeddings", False)),
         bos_token_id=t.get("bos_token_id", 1),

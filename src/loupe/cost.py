@@ -28,6 +28,8 @@ Every formula is checked against torch's FlopCounterMode on real forwards (tests
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from loupe.config import TextConfig, VisionConfig, VLMConfig
 from loupe.errors import LoupeError
 from loupe.flops import CostPlan, Workload, decoder_layer, image_token_macs, lm_head, projector, vision_pass
-from loupe.methods import METHODS, MethodConfig
+from loupe.methods import METHODS, MethodConfig, MethodReport, parse_method
 from loupe.tiny import synth_tiny_config, tiny_config
 
 CONVENTIONS = ("flops", "image-macs")
@@ -175,10 +177,10 @@ def _equivalent_tokens(t: TextConfig, macs: float) -> float:
     return (-b + math.sqrt(b * b - 4 * a * c)) / (2 * a)
 
 
-def measured_selection(info: dict[str, Any]) -> float | None:
+def measured_selection(report: MethodReport) -> float | None:
     """A run's selected fraction for `Workload.selected`: the mean over layers and samples of
-    the per-layer selection masks a method reported in `VLMOutput.info` (None if it selects nothing)."""
-    fractions = info.get("selected_fraction")
+    the per-layer selection fractions a method reported (`VLMOutput.report`; None if it selects nothing)."""
+    fractions = report.selected_fraction
     if not fractions:
         return None
     return float(torch.stack([f.float().mean() for f in fractions.values()]).mean())
@@ -279,3 +281,80 @@ def _label_of(method: dict[str, Any]) -> str:
 
 def _label(c: Cost) -> str:
     return _label_of(c.method)
+
+
+# ---- `loupe flops` ------------------------------------------------------------------------
+@dataclass
+class FlopsReport:
+    """The analytic cost of one or more methods on one model's shapes (`loupe flops`)."""
+
+    source: str  # the preset's name or the checkpoint folder
+    shapes: Preset
+    workload: Workload
+    convention: str
+    costs: list[Cost]
+    budget_report: dict[str, Any] | None  # every budget of a multi-budget method (VISOR), vs its dense reference
+
+    def to_json(self) -> dict[str, Any]:
+        body = self.costs[0].to_dict() if len(self.costs) == 1 else {
+            "methods": [c.to_dict() for c in self.costs], "ratios": [c.total / self.costs[0].total for c in self.costs]}
+        if self.budget_report is not None:
+            body["budgets"] = self.budget_report
+        return {"model": self.source, **body}
+
+    def text(self) -> str:
+        unit = "multiply-accumulates over image tokens" if self.convention == "image-macs" else "FLOPs (2 x MACs)"
+        lines = [f"{self.source}: {self.shapes.description}",
+                 f"workload: {json.dumps(self.workload.to_dict())}; {unit}", ""]
+        if len(self.costs) > 1:
+            return "\n".join([*lines, compare_table(self.costs)])
+        c = self.costs[0]
+        lines.append(parts_table(c))
+        if self.convention == "flops":
+            lines.append(f"\nprefill {format_flops(c.prefill)}, decode {format_flops(c.decode_per_token)} per token")
+        lines.append(f"image tokens in the sequence: {c.image_tokens}, equivalent image tokens: "
+                     f"{c.equivalent_image_tokens:.0f}")
+        if self.budget_report is not None:
+            lines.append(f"\nevery budget of this {c.method['name']} model (saving: the dense reference's FLOPs / "
+                         "the budget's)\n")
+            lines.append(budget_table(self.budget_report))
+        return "\n".join(lines)
+
+
+def model_shapes(preset_name: str | None, model_dir: str | None) -> tuple[Preset, MethodConfig | None, str]:
+    """A preset (or a checkpoint's config as one), the checkpoint's method, and a name."""
+    if preset_name:
+        if preset_name == "list":
+            raise LoupeError("presets: " + "; ".join(f"{k} ({v.description})" for k, v in PRESETS.items()))
+        return preset(preset_name), None, preset_name
+    from pathlib import Path
+
+    from loupe.checkpoints import read_config
+    folder = Path(model_dir or "")
+    if not folder.is_dir():
+        raise LoupeError(f"--model {model_dir!r} is not a folder")
+    cfg, stored = read_config(folder)
+    return Preset(cfg, f"checkpoint {folder}"), stored, str(folder)
+
+
+def flops_report(preset_name: str | None, model_dir: str | None, specs: list[str] | None, workload: Workload, *,
+                 hr_size: int | None = None, options: dict[str, Any] | None = None,
+                 convention: str = "flops") -> FlopsReport:
+    """The cost of the methods `specs` (`METHOD[@HR][,K=V...]`; default: the checkpoint's, or
+    lowres) on a preset's or a checkpoint's shapes. A routed VISOR without the router's mix is
+    costed at its budgets (the mix is what routing decides)."""
+    shapes, stored, source = model_shapes(preset_name, model_dir)
+    options = options or {}
+    specs = specs or [stored.name if stored else "lowres"]
+    methods = [stored if stored and spec == stored.name and not options and hr_size is None else
+               parse_method(spec, hr_size, **options) for spec in specs]
+    if workload.mix is None:
+        methods = [dataclasses.replace(m, configuration="max") if getattr(m, "configuration", None) == "router"
+                   else m for m in methods]
+    costs = [estimate(shapes.config, m, workload, convention=convention, class_token=shapes.class_token)
+             for m in methods]
+    method = methods[0]
+    several = len(costs) == 1 and len(METHODS[method.name].budgets(shapes.config, method)) > 1 \
+        and convention == "flops"
+    report = budgets(shapes.config, method, workload, class_token=shapes.class_token) if several else None
+    return FlopsReport(source, shapes, workload, convention, costs, report)

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from loupe.data.llava import Example
 from loupe.generation import SamplingConfig, generate
 from loupe.images import ImageProcessor, load_image
+from loupe.methods import MethodReport, RunOptions
 from loupe.text import Tokenizer
 from loupe.train import ImageSource, Sample, prompt_ids
 from loupe.vlm import VLM
@@ -65,8 +66,9 @@ class EvalResult:
 
 @torch.inference_mode()
 def evaluate(model: VLM, samples: Sequence[Sample], images: ImageSource, tok: Tokenizer, batch_size: int = 32,
-             max_new_tokens: int = 4, progress: bool = True) -> EvalResult:
-    """Greedy answers to the first question of every sample, scored by exact match."""
+             max_new_tokens: int = 4, progress: bool = True, run: RunOptions | None = None) -> EvalResult:
+    """Greedy answers to the first question of every sample, scored by exact match; `run`:
+    the method's per-call choices (e.g. a VISOR budget) for every sample."""
     model.eval()
     result = EvalResult()
     stops = [tok.eos_id] if tok.eos_id is not None else []
@@ -74,12 +76,13 @@ def evaluate(model: VLM, samples: Sequence[Sample], images: ImageSource, tok: To
     chunks = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
     for chunk in tqdm(chunks, desc="eval", unit="batch", disable=not progress, leave=False):
         ids, mask = tok.pad_left([s.ids[: s.prompt_length] for s in chunk])
-        info: dict[str, Any] = {}
-        out = generate(model, ids, attention_mask=mask, sampling=sampling, info=info,
+        reports: list[MethodReport] = []
+        out = generate(model, ids, attention_mask=mask, sampling=sampling, run=run, on_report=reports.append,
                        **images.model_inputs([s.image for s in chunk]))
-        fractions = _per_sample_fraction(info, len(chunk))
-        sa_layers = info["sa_layers"].tolist() if "sa_layers" in info else None
-        routes = info["configuration"].tolist() if "configuration" in info else None
+        report = reports[0]
+        fractions = _per_sample_fraction(report)
+        sa_layers = report.sa_layers.tolist() if report.sa_layers is not None else None
+        routes = report.route.tolist() if report.route is not None else None
         for row, s in enumerate(chunk):
             assert s.example is not None
             answer = s.example.answer
@@ -91,8 +94,8 @@ def evaluate(model: VLM, samples: Sequence[Sample], images: ImageSource, tok: To
     return result
 
 
-def _per_sample_fraction(info: dict[str, Any], batch: int) -> list[float] | None:
-    fractions = info.get("selected_fraction")
+def _per_sample_fraction(report: MethodReport) -> list[float] | None:
+    fractions = report.selected_fraction
     if not fractions:
         return None
     per_layer = torch.stack([f.float() for f in fractions.values()])  # (layers, B)
@@ -100,7 +103,8 @@ def _per_sample_fraction(info: dict[str, Any], batch: int) -> list[float] | None
 
 
 @torch.inference_mode()
-def prefill_latency(model: VLM, examples: Sequence[Example], tok: Tokenizer, repeats: int = 1) -> float:
+def prefill_latency(model: VLM, examples: Sequence[Example], tok: Tokenizer, repeats: int = 1,
+                    run: RunOptions | None = None) -> float:
     """Median seconds of one sample's prefill from pixels (encoder, projector, decoder) at batch 1."""
     processor = ImageProcessor(size=model.method.image_size())
     times = []
@@ -110,6 +114,6 @@ def prefill_latency(model: VLM, examples: Sequence[Example], tok: Tokenizer, rep
         for _ in range(repeats):
             cache = model.new_cache(1, ids.shape[1] + 1)
             start = time.perf_counter()
-            model(ids, px, cache=cache, last_only=True)
+            model(ids, px, cache=cache, last_only=True, run=run)
             times.append(time.perf_counter() - start)
     return statistics.median(times)

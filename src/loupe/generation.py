@@ -6,14 +6,16 @@ Shape legend: B batch, T prompt length, V vocabulary.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from loupe.errors import LoupeError
-from loupe.methods import ImageInputs
+from loupe.images import ImageProcessor, load_image
+from loupe.methods import ImageInputs, MethodReport, RunOptions
+from loupe.text import Tokenizer, llava_prompt
 from loupe.vlm import VLM
 
 
@@ -63,12 +65,15 @@ def generate(
     on_token: Callable[[torch.Tensor], None] | None = None,
     image_sizes: torch.Tensor | None = None,
     images: ImageInputs | None = None,
-    info: dict[str, Any] | None = None,
+    run: RunOptions | None = None,
+    on_report: Callable[[MethodReport], None] | None = None,
 ) -> torch.Tensor:
     """New tokens (B, <= max_new_tokens) after the prompt; rows that stopped are padded
     with their stop token. `on_token` gets each step's tokens (B,) as they come.
     `images`: features already encoded by `model.method.encode` instead of pixels.
-    `info`: filled with what the method reported at prefill (e.g. selection fractions)."""
+    `run`: the method's per-call choices (e.g. `VisorRun(configuration="router")`), for
+    every step of the request. `on_report` gets what the method reported at prefill (e.g.
+    the selection fractions, the routing)."""
     cfg = sampling or SamplingConfig()
     b, t = input_ids.shape
     limit = model.cfg.text.max_position_embeddings
@@ -83,9 +88,9 @@ def generate(
     pixels = pixel_values.to(model.device, model.dtype) if pixel_values is not None else None
 
     prefill = model(input_ids, pixels, attention_mask, cache=cache, last_only=True, image_sizes=image_sizes,
-                    images=images)
-    if info is not None:
-        info.update(prefill.info)
+                    images=images, run=run)
+    if on_report is not None:
+        on_report(prefill.report)
     logits = prefill.logits[:, -1]  # (B, V)
     done = torch.zeros(b, dtype=torch.bool, device=model.device)
     out: list[torch.Tensor] = []
@@ -98,5 +103,33 @@ def generate(
         done |= torch.isin(tok, stops)
         if bool(done.all()) or len(out) == cfg.max_new_tokens:
             break
-        logits = model(tok[:, None], cache=cache, last_only=True).logits[:, -1]  # (B, V)
+        logits = model(tok[:, None], cache=cache, last_only=True, run=run).logits[:, -1]  # (B, V)
     return torch.stack(out, dim=1)
+
+
+def answer(model: VLM, tok: Tokenizer, image: str | os.PathLike[str], question: str, sampling: SamplingConfig,
+           run: RunOptions | None = None, on_token: Callable[[torch.Tensor], None] | None = None) -> str:
+    """The answer to `question` about the image file `image`, in the LLaVA-1.5 template (the
+    image's original size passed along, so that methods zero its square-padding margin)."""
+    picture = load_image(image)
+    pixels = ImageProcessor(size=model.method.image_size()).batch([picture])
+    ids, mask = tok.pad_left([tok.encode(llava_prompt(question), model.method.tokens_per_image())])
+    sizes = torch.tensor([[picture.height, picture.width]])
+    out = generate(model, ids, pixels, mask, sampling, on_token=on_token, image_sizes=sizes, run=run)
+    return tok.decode(out[0].tolist())
+
+
+def stream_printer(tok: Tokenizer) -> Callable[[torch.Tensor], None]:
+    """A callback printing newly decoded text as tokens arrive (batch of one)."""
+    ids: list[int] = []
+    shown = ""
+
+    def on_token(step: torch.Tensor) -> None:
+        nonlocal shown
+        ids.append(int(step[0]))
+        text = tok.decode(ids)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+
+    return on_token

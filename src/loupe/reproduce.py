@@ -37,10 +37,12 @@ from loupe.errors import LoupeError
 from loupe.evaluate import EvalResult, evaluate, prefill_latency
 from loupe.files import write_atomic, write_json
 from loupe.flops import Workload
+from loupe.methods import RunOptions
+from loupe.methods.visor import VisorRun
 from loupe.text import Tokenizer
 from loupe.tiny import init_random_, synth_tiny_config, tiny_tokenizer
 from loupe.train import FeatureImages, FeatureStore, PixelImages, Sample, TrainConfig, tokenize, train
-from loupe.visor_train import fit_router, routing_states, score_table, single_turns, universal_setup
+from loupe.visor_train import fit_router, routing_states, score_table, single_turns, universal_setup, visor_method
 from loupe.vlm import VLM
 
 NATIVE = 64  # the synth-tiny model's native image side
@@ -170,17 +172,18 @@ def _train(model: VLM, examples: Sequence[Example], tok: Tokenizer, cfg: TrainCo
 
 
 def assess(label: str, model: VLM, test_ex: Sequence[Example], tok: Tokenizer, plan: Plan, store: FeatureStore,
-           out: Path, progress: bool, seconds: float, final_loss: float) -> RunResult:
-    """Test-split accuracy, FLOPs per sample (measured selection or routing) and prefill latency."""
+           out: Path, progress: bool, seconds: float, final_loss: float, run: RunOptions | None = None) -> RunResult:
+    """Test-split accuracy, FLOPs per sample (measured selection or routing) and prefill latency,
+    of the model run with `run` (e.g. one VISOR budget)."""
     test_samples, test_paths = tokenize(test_ex, tok, model.method.tokens_per_image())
     result = evaluate(model, test_samples, FeatureImages(model, test_paths, store, tag="test", progress=progress),
-                      tok, progress=progress)
+                      tok, progress=progress, run=run)
     summary = result.summary()
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "predictions.json", [asdict(p) for p in result.predictions])
     workload = _workload(test_samples, tok.image_token_id, summary["selected_fraction"], _route_mix(model, result))
-    cost = estimate(model.cfg, model.method.options, workload)
-    latency = prefill_latency(model, test_ex[: plan.latency_samples], tok)
+    cost = estimate(model.cfg, model.method.run_options(run), workload)
+    latency = prefill_latency(model, test_ex[: plan.latency_samples], tok, run=run)
     res = RunResult(label, cost.method, summary, cost.total / 1e9, cost.part("prefill") / 1e9, latency * 1e3,
                     seconds, final_loss)
     write_json(out / "metrics.json", asdict(res))
@@ -192,7 +195,7 @@ def _route_mix(model: VLM, result: EvalResult) -> tuple[float, ...] | None:
     routes = [p.route for p in result.predictions if p.route is not None]
     if not routes:
         return None
-    n = len(getattr(model.method, "configurations", []))
+    n = len(visor_method(model).configurations)
     return tuple(routes.count(k) / len(routes) for k in range(n))
 
 
@@ -215,6 +218,7 @@ def visor_runs(base: Path, train_ex: Sequence[Example], val_ex: Sequence[Example
                             tok, progress=progress)
     write_json(out / "visor-universal" / "viable.json", found)
     s2, log2 = _train(model, train_ex, tok, second, store, out / "visor-universal", seed, progress, "visor universal")
+    method = visor_method(model)
     start = time.perf_counter()
     turns = single_turns(train_ex[: plan.router_scenes])
     samples, paths = tokenize(turns, tok, model.method.tokens_per_image())
@@ -223,21 +227,20 @@ def visor_runs(base: Path, train_ex: Sequence[Example], val_ex: Sequence[Example
     states = routing_states(model, samples, images, progress=progress)
     shared = time.perf_counter() - start
     rows = []
-    for k in range(len(model.method.configurations)):
-        model.method.options.configuration = k
-        label = f"visor [{model.method.options.variant(model.cfg)}]"
+    for k in range(len(method.configurations)):
+        budget = VisorRun(configuration=k)
+        label = f"visor [{method.run_options(budget).variant(model.cfg)}]"
         rows.append(assess(label, model, test_ex, tok, plan, store, out / f"visor-{k}", progress, s1 + s2,
-                           log2[-1]["loss"]))
+                           log2[-1]["loss"], run=budget))
     # The router as shipped (only questions the maximum configuration answers teach it), and the
     # paper's rule applied to every question, where a failed maximum labels the cheapest budget.
     for label, solved_only in (("visor-router", True), ("visor-router-all", False)):
         start = time.perf_counter()
         report, _ = fit_router(model, [(t.id, t.meta.get("kind")) for t in turns], scores, states,
                                out / label / "router", seed=seed, overwrite=True, solved_only=solved_only)
-        model.method.options.configuration = "router"
         seconds = s1 + s2 + shared + time.perf_counter() - start
         rows.append(assess(label, model, test_ex, tok, plan, store, out / label, progress, seconds,
-                           log2[-1]["loss"]))
+                           log2[-1]["loss"], run=VisorRun(configuration="router")))
         write_json(out / label / "router_report.json", asdict(report))
     return rows
 
@@ -334,9 +337,11 @@ def flexattn_claims(results: Sequence[RunResult]) -> list[dict[str, Any]]:
         {"claim": "flexattn on hard questions >= lowres + 25", "value": hard["flexattn"] - hard["lowres"],
          "holds": hard["flexattn"] >= hard["lowres"] + 25},
         {"claim": "attnmap selection beats random by >= 10 (hard)",
-         "value": hard["flexattn"] - hard["flexattn-random"], "holds": hard["flexattn"] >= hard["flexattn-random"] + 10},
+         "value": hard["flexattn"] - hard["flexattn-random"],
+         "holds": hard["flexattn"] >= hard["flexattn-random"] + 10},
         {"claim": "attnmap selection beats center by >= 10 (hard)",
-         "value": hard["flexattn"] - hard["flexattn-center"], "holds": hard["flexattn"] >= hard["flexattn-center"] + 10},
+         "value": hard["flexattn"] - hard["flexattn-center"],
+         "holds": hard["flexattn"] >= hard["flexattn-center"] + 10},
         {"claim": "flexattn FLOPs per sample <= 0.6 x hd", "value": by["flexattn"].gflops / by["hd"].gflops,
          "holds": by["flexattn"].gflops <= 0.6 * by["hd"].gflops},
     ]

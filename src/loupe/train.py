@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -33,6 +34,7 @@ from loupe.data.llava import Example
 from loupe.errors import LoupeError
 from loupe.files import write_json
 from loupe.images import ImageProcessor, load_image
+from loupe.methods import ImageFeatures, RunOptions, TrainStep
 from loupe.text import IMAGE_PLACEHOLDER, Tokenizer
 from loupe.vlm import VLM
 
@@ -47,7 +49,6 @@ class TrainConfig:
     weight_decay: float = 0.01  # on matrices only
     grad_clip: float = 1.0
     train: tuple[str, ...] = ("decoder", "method")  # parameter name prefixes trained; the rest is frozen
-    gate_warmup: float = 10.0  # FlexAttention's training gate a = min(1, epoch * gate_warmup)
     log_every: int = 10
     checkpoint_every: int = 0  # 0: only the final checkpoint
     seed: int = 0
@@ -167,7 +168,7 @@ class PixelImages:
         return {"pixel_values": self.pixels[indices].float()}
 
 
-FeatureStore = dict[tuple[Any, ...], dict[str, torch.Tensor]]
+FeatureStore = dict[tuple[Any, ...], ImageFeatures]
 
 
 class FeatureImages:
@@ -185,18 +186,21 @@ class FeatureImages:
         self.features = store[key]
 
     @torch.no_grad()
-    def _encode(self, paths: Sequence[Path], batch_size: int, progress: bool) -> dict[str, torch.Tensor]:
+    def _encode(self, paths: Sequence[Path], batch_size: int, progress: bool) -> ImageFeatures:
         size, method = self.model.method.image_size(), self.model.method
-        parts: dict[str, list[torch.Tensor]] = {}
+        lr: list[torch.Tensor] = []
+        hr: list[torch.Tensor] = []
         pixels = _load_pixels(paths, size, progress, f"features@{size}")
         while chunk := [p for _, p in zip(range(batch_size), pixels, strict=False)]:
             px = torch.stack(chunk).to(self.model.device, self.model.dtype)
-            for name, value in method.features(self.model, px).items():
-                parts.setdefault(name, []).append(value.to(torch.bfloat16).cpu())
-        return {name: torch.cat(values) for name, values in parts.items()}
+            feats = method.features(self.model, px)
+            lr.append(feats.lr.to(torch.bfloat16).cpu())
+            if feats.hr is not None:
+                hr.append(feats.hr.to(torch.bfloat16).cpu())
+        return ImageFeatures(torch.cat(lr), torch.cat(hr) if hr else None)
 
     def model_inputs(self, indices: list[int]) -> dict[str, Any]:
-        chosen = {k: v[indices].to(self.model.device, self.model.dtype) for k, v in self.features.items()}
+        chosen = self.features.select(indices, self.model.device, self.model.dtype)
         return {"images": self.model.method.assemble(chosen)}
 
 # ---- the loop -------------------------------------------------------------------------------
@@ -235,10 +239,10 @@ def batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
             yield order[start:start + size]
 
 
-def loss_of(model: VLM, batch: Batch, images: ImageSource) -> torch.Tensor:
+def loss_of(model: VLM, batch: Batch, images: ImageSource, run: RunOptions | None = None) -> torch.Tensor:
     dev = model.device
     out = model(batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
-                loss_rows=batch.loss_rows.to(dev), **images.model_inputs(batch.images))
+                loss_rows=batch.loss_rows.to(dev), run=run, **images.model_inputs(batch.images))
     rows = batch.loss_rows.to(dev)
     return F.cross_entropy(out.logits[rows].float(), batch.targets.to(dev)[rows])  # mean over answer tokens
 
@@ -256,17 +260,16 @@ def train(model: VLM, samples: Sequence[Sample], images: ImageSource, cfg: Train
         write_json(out / "train_config.json", asdict(cfg))
     log: list[dict[str, Any]] = []
     order = batches(len(samples), cfg.batch_size, cfg.seed)
-    set_gate = getattr(model.method, "set_gate", None)
     model.train()
     start, running, drawn = time.perf_counter(), [], Counter()
     hook_gen = torch.Generator().manual_seed(cfg.seed + 1)
     bar = tqdm(range(cfg.steps), desc=desc, unit="step", disable=not progress, leave=False)
     for step in bar:
         idx = next(order)
-        if set_gate is not None:
-            set_gate(step * len(idx) / len(samples), cfg.gate_warmup)
-        drawn.update(str(v) for v in model.method.on_train_step(hook_gen).values())
-        loss = loss_of(model, collate([samples[i] for i in idx], pad_id), images)
+        draw = model.method.on_train_step(TrainStep(step, step * len(idx) / len(samples), hook_gen))
+        if draw.label is not None:
+            drawn[draw.label] += 1
+        loss = loss_of(model, collate([samples[i] for i in idx], pad_id), images, draw.run)
         if not torch.isfinite(loss):
             raise LoupeError(f"the loss became {loss.item()} at step {step}; nothing was saved after the last "
                              f"checkpoint - lower the learning rate (now {cfg.lr})")
@@ -291,8 +294,57 @@ def train(model: VLM, samples: Sequence[Sample], images: ImageSource, cfg: Train
         if out is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             save_pretrained(model, out / f"checkpoint-{step + 1}", overwrite=True)
     model.eval()
-    if set_gate is not None:
-        set_gate(1.0, 1.0)  # inference: HR rows fully hierarchical
+    model.method.on_train_end()
     if out is not None:
         save_pretrained(model, out / "final", overwrite=True)
     return log
+
+
+# ---- a training run from files (what `loupe train` calls) ------------------------------------
+@dataclass
+class TrainRun:
+    """What `train_run` did: the log, where the model is, and the viable search (VISOR) if any."""
+
+    log: list[dict[str, Any]]
+    final: Path
+    viable: dict[str, Any] | None = None
+
+
+def image_source(model: VLM, paths: Sequence[Path], cfg: TrainConfig, progress: bool = True) -> ImageSource:
+    """Cached features when the encoder and projector are frozen (computed once per image),
+    else pixels through the encoder every step."""
+    trains_encoder = any(p.startswith(("vision_tower", "projector")) for p in cfg.train)
+    return PixelImages(paths, model.method.image_size(), progress) if trains_encoder else \
+        FeatureImages(model, paths, progress=progress)
+
+
+def train_run(model_dir: str | os.PathLike[str], data: str | os.PathLike[str], out: str | os.PathLike[str],
+              cfg: TrainConfig, *, method: str | None = None, options: dict[str, Any] | None = None,
+              dtype: torch.dtype | None = None, device: str = "cpu", viable_from: str | os.PathLike[str] | None = None,
+              overwrite: bool = False, progress: bool = True) -> TrainRun:
+    """Fine-tune the checkpoint `model_dir` (as `method` with `options`) on the LLaVA-format
+    JSON `data`; the run folder `out` gets train_log.jsonl, checkpoints and final/ (with the
+    tokenizer). With `viable_from` (a validation split), a VISOR model first finds its viable
+    configurations there and then trains drawing one per step (`loupe.visor_train`)."""
+    from loupe.checkpoints import from_pretrained
+    from loupe.data.llava import read_llava
+
+    run = Path(out)
+    if (run / "final").exists() and not overwrite:
+        raise LoupeError(f"{run} already holds a trained model; pass --overwrite to replace it")
+    examples = read_llava(data)
+    model = from_pretrained(model_dir, method, dtype=dtype or torch.float32, device=device, **(options or {}))
+    tok = Tokenizer.from_folder(model_dir, model.cfg.image_token_id)
+    samples, paths = tokenize(examples, tok, model.method.tokens_per_image())
+    images = image_source(model, paths, cfg, progress)
+    if run.exists() and overwrite:
+        (run / "train_log.jsonl").unlink(missing_ok=True)
+    viable = None
+    if viable_from is not None:
+        from loupe.visor_train import universal_setup
+        val, val_paths = tokenize(read_llava(viable_from), tok, model.method.tokens_per_image())
+        viable = universal_setup(model, val, image_source(model, val_paths, cfg, progress), tok, progress=progress)
+        write_json(run / "viable.json", viable)
+    log = train(model, samples, images, cfg, tok.pad_id, run, progress)
+    (run / "final" / "tokenizer.json").write_bytes((Path(model_dir) / "tokenizer.json").read_bytes())
+    return TrainRun(log, run / "final", viable)

@@ -49,8 +49,8 @@ from tqdm import tqdm
 from loupe.data.llava import Example
 from loupe.errors import LoupeError
 from loupe.evaluate import evaluate
-from loupe.files import folder_atomic
-from loupe.methods.visor import Visor, all_subsets
+from loupe.files import folder_atomic, write_json
+from loupe.methods.visor import Visor, VisorRun, all_subsets
 from loupe.text import Tokenizer
 from loupe.train import ImageSource, Sample, collate
 from loupe.vlm import VLM
@@ -77,8 +77,8 @@ def viable_configurations(model: VLM, samples: Sequence[Sample], images: ImageSo
 
     def score(subset: tuple[int, ...]) -> float:
         if subset not in scores:
-            with method.configured([list(subset)]):
-                scores[subset] = float(evaluate(model, samples, images, tok, progress=False).summary()["overall"])
+            run = VisorRun(configurations=[list(subset)])
+            scores[subset] = float(evaluate(model, samples, images, tok, progress=False, run=run).summary()["overall"])
             bar.update()
         return scores[subset]
 
@@ -116,9 +116,7 @@ def universal_setup(model: VLM, samples: Sequence[Sample], images: ImageSource, 
     """Steps 2 and 3's set-up: find the viable configurations on `samples` and make the model
     train them, one drawn per step."""
     found = viable_configurations(model, samples, images, tok, progress=progress)
-    method = visor_method(model)
-    method.set_configurations(found["configurations"])
-    method.options.configuration = "sample"
+    visor_method(model).redefine(found["configurations"], configuration="sample")
     return found
 
 
@@ -152,9 +150,8 @@ def score_table(model: VLM, samples: Sequence[Sample], images: ImageSource, batc
     for c, configuration in enumerate(method.configurations):
         for idx in chunks:
             batch = collate([samples[i] for i in idx], pad_id=0)
-            with method.configured([configuration]):
-                out = model(batch.input_ids.to(model.device), attention_mask=batch.attention_mask.to(model.device),
-                            **images.model_inputs(batch.images))
+            out = model(batch.input_ids.to(model.device), attention_mask=batch.attention_mask.to(model.device),
+                        run=VisorRun(configurations=[configuration]), **images.model_inputs(batch.images))
             logits, rows = out.logits.float().cpu(), batch.loss_rows
             if score == "exact":
                 table[idx, c] = ((logits.argmax(-1) == batch.targets) | ~rows).all(-1).float()
@@ -285,8 +282,9 @@ def save_router(model: VLM, folder: str | os.PathLike[str], report: RouterReport
     return Path(folder)
 
 
-def load_router(model: VLM, folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """Install the router saved in `folder` and switch the model to routing."""
+def load_router(model: VLM, folder: str | os.PathLike[str]) -> VisorRun:
+    """Install the router saved in `folder`; returns the run options that route with it
+    (pass them to `generate` / `evaluate`)."""
     method = visor_method(model)
     folder = Path(folder)
     files = folder / "router.json", folder / "router.safetensors"
@@ -295,8 +293,7 @@ def load_router(model: VLM, folder: str | os.PathLike[str]) -> dict[str, Any]:
         raise LoupeError(f"{folder} is not a router folder: {', '.join(missing)} missing")
     meta = json.loads(files[0].read_text())
     method.load_router(load_file(str(files[1])), meta.get("configurations", []))
-    method.options.configuration = "router"
-    return meta
+    return VisorRun(configuration="router")
 
 
 def fit_router(model: VLM, ids: Sequence[tuple[str, Any]], scores: torch.Tensor, states: torch.Tensor,
@@ -312,3 +309,61 @@ def fit_router(model: VLM, ids: Sequence[tuple[str, Any]], scores: torch.Tensor,
     if out is not None:
         save_router(model, out, report, overwrite=overwrite, labels=table)
     return report, table
+
+
+# ---- from files (what `loupe router labels` / `loupe router train` call) ----------------------------
+@dataclass
+class RouterData:
+    """A universal VISOR model and the routing samples of a LLaVA-format file (one per question)."""
+
+    model: VLM
+    ids: list[tuple[str, Any]]  # (sample id, question kind) per routing sample
+    samples: list[Sample]
+    images: ImageSource
+
+
+def router_data(model_dir: str | os.PathLike[str], data: str | os.PathLike[str], device: str = "cpu") -> RouterData:
+    from loupe.checkpoints import from_pretrained
+    from loupe.data.llava import read_llava
+    from loupe.train import FeatureImages, tokenize
+
+    model = from_pretrained(model_dir, dtype=torch.float32, device=device)
+    visor_method(model)
+    tok = Tokenizer.from_folder(model_dir, model.cfg.image_token_id)
+    turns = single_turns(read_llava(data))
+    samples, paths = tokenize(turns, tok, model.method.tokens_per_image())
+    return RouterData(model, [(t.id, t.meta.get("kind")) for t in turns], samples, FeatureImages(model, paths))
+
+
+def _refuse_existing(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise LoupeError(f"{out} already exists; pass --overwrite to replace it")
+
+
+def write_router_labels(rd: RouterData, out: str | os.PathLike[str], score: str = "exact", solved_only: bool = True,
+                        overwrite: bool = False) -> dict[str, Any]:
+    """Score every configuration on every routing sample and write the label table (JSON)."""
+    _refuse_existing(Path(out), overwrite)
+    scores = score_table(rd.model, rd.samples, rd.images, score=score)
+    table = label_table(rd.model, rd.ids, scores, score, solved_only=solved_only)
+    write_json(out, table)
+    return table
+
+
+def train_router_from(rd: RouterData, out: str | os.PathLike[str], labels: str | os.PathLike[str] | None = None,
+                      epochs: int = 300, seed: int = 0, score: str = "exact", solved_only: bool = True,
+                      overwrite: bool = False) -> RouterReport:
+    """Train the router on a label file (`write_router_labels`), or on labels built now, and save it to `out`."""
+    _refuse_existing(Path(out), overwrite)
+    if epochs < 1:
+        raise LoupeError(f"epochs={epochs} must be at least 1 (a router trained for no epoch is untrained)")
+    states = routing_states(rd.model, rd.samples, rd.images)
+    if labels is not None:
+        chosen, used = read_labels(labels, rd.model, [i for i, _ in rd.ids])
+        report = train_router(rd.model, states[used], chosen[used], epochs=epochs, seed=seed)
+        save_router(rd.model, out, report, overwrite=overwrite)
+        return report
+    scores = score_table(rd.model, rd.samples, rd.images, score=score)
+    report, _ = fit_router(rd.model, rd.ids, scores, states, out, epochs, seed, overwrite, score,
+                           solved_only=solved_only)
+    return report

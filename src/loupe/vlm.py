@@ -6,35 +6,49 @@ N image tokens per image, E vision width, W text width, V vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
-from loupe.config import VLMConfig
-from loupe.errors import LoupeError
-from loupe.methods import ImageInputs, MethodConfig, Step, build_method
+from loupe.config import VisionConfig, VLMConfig
+from loupe.errors import ConfigError, LoupeError
+from loupe.methods import ImageInputs, MethodConfig, MethodReport, RunOptions, Step, build_method
 from loupe.methods.lowres import LowResConfig
-from loupe.nn.attention import KERNELS, Kernel, decoder_mask
-from loupe.nn.decoder import AttnContext, Decoder
-from loupe.nn.kv_cache import DecoderCache
+from loupe.nn.attention import KERNELS, Kernel
+from loupe.nn.decoder import Decoder
+from loupe.nn.kv_cache import DecoderCache, Segment
+from loupe.nn.tokens import RopeSpec, TokenSet
 from loupe.nn.vit import Projector, VisionTower
+from loupe.packing import build_packing
+
+# The model family's replaceable parts, chosen by name in `VLMConfig` (see `loupe.packing`
+# for the image packing). OneVision's SigLIP tower registers beside CLIP's.
+VISION_TOWERS: dict[str, Callable[[VisionConfig], VisionTower]] = {"clip": VisionTower}
+PROJECTORS: dict[str, Callable[[VLMConfig], nn.Module]] = {"mlp2x_gelu": Projector}
+
+
+def _part(table: dict[str, Callable], field_name: str, value: str) -> Callable:
+    if value not in table:
+        raise ConfigError(f"unsupported config value {field_name}={value!r}: Loupe supports {sorted(table)}")
+    return table[value]
 
 
 @dataclass
 class VLMOutput:
     logits: torch.Tensor  # (B, T, V), or (B, 1, V) with last_only
-    info: dict[str, Any] = field(default_factory=dict)  # method reports, e.g. selection masks
+    report: MethodReport = field(default_factory=MethodReport)  # what the method reports (selection, routing)
 
 
 class VLM(nn.Module):
     def __init__(self, cfg: VLMConfig, method: MethodConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.vision_tower = VisionTower(cfg.vision)
-        self.projector = Projector(cfg)
+        self.vision_tower = _part(VISION_TOWERS, "vision_tower", cfg.vision_tower)(cfg.vision)
+        self.projector = _part(PROJECTORS, "projector", cfg.projector)(cfg)
         self.decoder = Decoder(cfg.text)
+        self.packing = build_packing(cfg)
         self.method = build_method(cfg, method or LowResConfig())
         self.kernel: Kernel = "sdpa"
 
@@ -57,9 +71,8 @@ class VLM(nn.Module):
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixels (I, 3, S, S) -> projected tokens (I, N, W); S a multiple of the patch size."""
         self._check_pixels(pixel_values)
-        feats = self.vision_tower(pixel_values, self.cfg.feature_layers, self.kernel)  # (I, 1+N, E*)
-        if self.cfg.feature_strategy == "default":
-            feats = feats[:, 1:]  # (I, N, E*) LLaVA drops the class token
+        feats = self.vision_tower.image_features(pixel_values, self.cfg.feature_layers, self.cfg.feature_strategy,
+                                                 self.kernel)  # (I, N, E*)
         return self.projector(feats)  # (I, N, W)
 
     def _check_pixels(self, pixel_values: torch.Tensor) -> None:
@@ -83,6 +96,7 @@ class VLM(nn.Module):
         loss_rows: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
         images: ImageInputs | None = None,
+        run: RunOptions | None = None,
     ) -> VLMOutput:
         """Logits for `input_ids` (B, T); Hugging Face-style arguments.
 
@@ -93,25 +107,29 @@ class VLM(nn.Module):
         FlexAttention treat them specially in training). `image_sizes` (I, 2) are the
         original (height, width) of each image. `images` passes features already encoded
         by `model.method.encode` (e.g. cached HR features in training) instead of pixels.
+        `run` holds the method's per-call choices (e.g. `VisorRun`), if any.
         """
+        input_ids = input_ids.to(self.device)
         self._check_ids(input_ids)
+        self.method.check_run(run)
         b, t = input_ids.shape
         new_valid = self._new_valid(attention_mask, b, t)  # (B, T)
         if images is None and pixel_values is not None:
-            images = self.method.encode(self, pixel_values.to(self.dtype), image_sizes)
+            images = self.method.encode(self, pixel_values.to(self.device, self.dtype), image_sizes)
         image_mask = input_ids == self.cfg.image_token_id  # (B, T)
         x = self._embed(input_ids, image_mask, images)  # (B, T, W)
 
-        positions, key_valid = self._positions(new_valid, cache)  # (B, T), (B, Tk)
+        segment = cache.segments[0] if cache is not None else Segment(0)
+        positions, key_valid = segment.extend(new_valid)  # (B, T), (B, Tk)
         self._check_positions(positions)
-        mask, causal = decoder_mask(key_valid, t)
-        ctx = AttnContext(self.decoder.rope(positions, x.dtype), mask, causal, self.kernel)
-        step = Step(ctx, cache, images, key_valid, image_mask, loss_rows)
+        rope = RopeSpec(self.cfg.text.head_dim, self.cfg.text.rope_theta, x.dtype)
+        tokens = TokenSet.build(positions, key_valid, new_valid, image_mask, rope, self.kernel)
+        step = Step(tokens, cache, images, None if loss_rows is None else loss_rows.to(self.device), run)
 
-        h = self.method.run_layers(self, x, step)  # (B, T, W)
+        h, report = self.method.run_layers(self, x, step)  # (B, T, W)
         if last_only:
             h = h[:, -1:]  # (B, 1, W)
-        return VLMOutput(self.decoder.logits(h), step.info)
+        return VLMOutput(self.decoder.logits(h), report)
 
     def new_cache(self, batch: int, capacity: int) -> DecoderCache:
         t = self.cfg.text
@@ -138,29 +156,11 @@ class VLM(nn.Module):
 
     def _embed(self, input_ids: torch.Tensor, image_mask: torch.Tensor, images: ImageInputs | None) -> torch.Tensor:
         x = self.decoder.embed_tokens(input_ids.masked_fill(image_mask, 0))  # (B, T, W)
-        n_slots = int(image_mask.sum())
-        n_feats = 0 if images is None else images.sequence.shape[0] * images.sequence.shape[1]
-        if n_slots != n_feats:
-            n_img = 0 if images is None else images.sequence.shape[0]
-            raise LoupeError(f"image tokens and image features disagree: input_ids hold {n_slots} image tokens "
-                             f"(id {self.cfg.image_token_id}) but {n_img} image(s) give {n_feats} features "
-                             f"({self.method.tokens_per_image()} per image for method {self.method.name!r})")
-        if images is None:
-            return x
-        feats = images.sequence.reshape(-1, x.shape[-1]).to(x.dtype)  # (I*N, W)
-        return x.masked_scatter(image_mask[..., None], feats)
-
-    def _positions(self, new_valid: torch.Tensor, cache: DecoderCache | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE positions (B, T) of the new rows (padding does not advance them) and the
-        key-validity mask (B, Tk) over everything the attention will see."""
-        start = cache.next_position if cache is not None and cache.next_position is not None else 0
-        positions = (start + new_valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        if cache is None:
-            return positions, new_valid
-        key_valid = new_valid if cache.key_valid is None else torch.cat([cache.key_valid, new_valid], dim=1)
-        cache.key_valid = key_valid
-        cache.next_position = positions[:, -1:] + 1  # (B, 1); left padding keeps the last row real
-        return positions, key_valid
+        try:
+            return self.packing.pack(x, image_mask, None if images is None else images.sequence)
+        except LoupeError as e:
+            raise LoupeError(f"{e} ({self.method.tokens_per_image()} per image for method "
+                             f"{self.method.name!r})") from None
 
     def _check_positions(self, positions: torch.Tensor) -> None:
         limit = self.cfg.text.max_position_embeddings

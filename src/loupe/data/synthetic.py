@@ -23,6 +23,7 @@ close-ups; validation and test hold whole scenes only.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from dataclasses import asdict, dataclass, field
@@ -303,3 +304,16 @@ def _crop_rows(rng: random.Random, image: Image.Image, scene: Scene, cfg: SynthC
         qs = [_question(rng, text, o.pattern, list(PATTERNS), "hard", "pattern", o, scene.size, mc) for mc in (0, 1)]
         rows.append(conversation_record(f"{crop_name}", f"images/{crop_name}.png", qs, scene=name, crop=True))
     return rows
+
+
+def synth_dataset(out: str | Path, n: int, seed: int = 0, native: int = 64, overwrite: bool = False,
+                  progress: bool = True) -> dict[str, int]:
+    """`loupe data synth`: the benchmark for a model of native side `native` in `out`;
+    returns the records per split."""
+    out = Path(out)
+    if (out / "train.json").exists() and not overwrite:
+        raise LoupeError(f"{out} already holds a dataset; pass --overwrite to replace it")
+    if native < 16 or native % 8:
+        raise LoupeError(f"--native {native} must be a multiple of 8, at least 16")
+    write_dataset(out, n, seed, SynthConfig(native=native), progress)
+    return {split: len(json.loads((out / f"{split}.json").read_text())) for split in SPLITS}

@@ -1,6 +1,25 @@
 """Methods: how image tokens reach the decoder. Importing this package registers them."""
 
-from loupe.methods import flexattn, hd, lowres, visor, xattn  # noqa: F401  (registers the methods)
-from loupe.methods.base import METHODS, ImageInputs, Method, MethodConfig, Step, build_method, method_options
+from loupe.methods import flexattn, hd, lowres, visor, xattn  # noqa: E402,F401,I001  (registers the methods)
+from loupe.methods.base import (
+    METHODS,
+    ImageFeatures,
+    ImageInputs,
+    Method,
+    MethodConfig,
+    MethodReport,
+    RunOptions,
+    Step,
+    TrainDraw,
+    TrainStep,
+    build_method,
+    cached_state,
+    keep_state,
+    method_label,
+    method_options,
+    parse_method,
+)
 
-__all__ = ["METHODS", "ImageInputs", "Method", "MethodConfig", "Step", "build_method", "method_options"]
+__all__ = ["METHODS", "ImageFeatures", "ImageInputs", "Method", "MethodConfig", "MethodReport", "RunOptions", "Step",
+           "TrainDraw", "TrainStep", "build_method", "cached_state", "keep_state", "method_label", "method_options",
+           "parse_method"]

@@ -1,17 +1,27 @@
 """The method interface: how image tokens reach the decoder.
 
-Shape legend: B batch, T new positions, I images, N image tokens per image, W text width.
+Shape legend: B batch, T new positions, I images, N image tokens per image, M HR tokens
+per image, W text width.
 
 A method is a small `nn.Module` the VLM consults at two points, never an
 `if method == ...` ladder inside the model:
 
-1. `encode(vlm, pixel_values)` turns pixels into `ImageInputs`: the features spliced into
-   the token sequence at `<image>` positions (LR tokens for LLaVA, LR + HR for LLaVA-HD),
-   plus whatever else the method carries beside the sequence (FlexAttention's and
-   XAttn's high-resolution features, VISOR's visual stream).
-2. `run_layers(vlm, x, step)` runs the decoder layer loop. The default is the plain
-   loop; a method overrides it to give some layers extra keys/values (FlexAttention), a
-   cross-attention sublayer (XAttn), a second stream (VISOR) or fewer tokens (pruning).
+1. `encode(vlm, pixel_values)` turns pixels into `ImageInputs`: the features the model's
+   image packing places in the token sequence at `<image>` positions (LR tokens for
+   LLaVA, LR + HR for LLaVA-HD), plus what the method carries beside the sequence
+   (FlexAttention's and XAttn's high-resolution features).
+2. `run_layers(vlm, x, step)` runs the decoder layer loop and returns the hidden states
+   and a `MethodReport`. The default is the plain loop; a method composes the decoder's
+   own layers with the seams of `loupe.nn` - chosen rows with extra keys/values
+   (`DecoderLayer.forward_rows`), an added sublayer (`loupe.nn.fusion.FusedLayer`), a
+   token set that shrinks between layers (`loupe.nn.tokens.TokenSet`) - and never
+   re-implements attention or a layer.
+
+Typed state: what a method keeps between the calls of one request is its own dataclass in
+`DecoderCache.method_state` (`cached_state` / `keep_state`); what it tells the caller is a
+`MethodReport` (subclassed per method); choices made per call rather than per model are a
+`RunOptions` subclass passed to `VLM.forward` / `generate` / `evaluate`. The options
+(`MethodConfig`, saved in `loupe.json`) are frozen: they never change at run time.
 
 New weights a method adds live in the method module itself (`method.*` keys), so every
 pretrained key of the base checkpoint survives unchanged. Methods register by name with
@@ -21,8 +31,9 @@ pretrained key of the base checkpoint survives unchanged. Methods register by na
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -31,15 +42,18 @@ from loupe.config import VLMConfig
 from loupe.errors import ConfigError, LoupeError
 from loupe.flops import CostPlan, Workload
 from loupe.nn.decoder import AttnContext
-from loupe.nn.kv_cache import DecoderCache
+from loupe.nn.kv_cache import DecoderCache, LayerCache
+from loupe.nn.tokens import TokenSet
 
 if TYPE_CHECKING:
     from loupe.vlm import VLM
 
 
-@dataclass
+@dataclass(frozen=True)
 class MethodConfig:
-    """Options of a method; subclasses add fields. Serialises to a flat dict with `name`."""
+    """Options of a method; subclasses add fields. Serialises to a flat dict with `name`.
+    Frozen: the options a model was built with (and saves) never change at run time;
+    `dataclasses.replace` makes another set."""
 
     name: ClassVar[str] = "base"
 
@@ -55,31 +69,115 @@ class MethodConfig:
 
 
 @dataclass
+class ImageFeatures:
+    """What the (frozen) encoder computes for a batch of images, before a method assembles
+    them; training with a frozen encoder computes these once per image."""
+
+    lr: torch.Tensor  # (I, N, W) native-resolution tokens
+    hr: torch.Tensor | None = None  # (I, M, W) high-resolution tokens (HR methods)
+
+    def select(self, index: list[int], device: torch.device, dtype: torch.dtype) -> ImageFeatures:
+        return ImageFeatures(*(None if t is None else t[index].to(device, dtype) for t in (self.lr, self.hr)))
+
+
+@dataclass
 class ImageInputs:
     """What `Method.encode` produced for a batch of images."""
 
-    sequence: torch.Tensor  # (I, N, W) features spliced in at the <image> positions
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # beside the sequence
+    sequence: torch.Tensor  # (I, N, W) features placed in the sequence at the <image> positions
+    hr: torch.Tensor | None = None  # (I, M, W) HR features kept beside the sequence (FlexAttention, XAttn)
+    image_sizes: torch.Tensor | None = None  # (I, 2) original (height, width), for methods that need it
+
+
+@dataclass
+class RunOptions:
+    """Per-call choices of a method that are not part of the model (a subclass per method,
+    e.g. VISOR's configuration per sample); passed to `VLM.forward`, `generate`, `evaluate`."""
+
+
+@dataclass
+class MethodReport:
+    """What a method reports about one forward call. Generic consumers (evaluation, the cost
+    model, the bench) read these fields; a method's subclass adds its own."""
+
+    selected_fraction: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B,) HR fraction selected
+    projected_fraction: float | None = None  # HR tokens projected in this call / (HR tokens x HR layers)
+    sa_layers: torch.Tensor | None = None  # (B,) layers in which the sample's visual tokens ran (VISOR)
+    route: torch.Tensor | None = None  # (B,) the configuration a router chose per sample
 
 
 @dataclass
 class Step:
     """One forward call of the decoder, as the layer loop sees it."""
 
-    ctx: AttnContext  # rope, mask, kernel of the new rows
+    tokens: TokenSet  # the call's rows: rope, mask, key validity, which are image rows
     cache: DecoderCache | None  # None: no caching (training, scoring)
-    images: ImageInputs | None  # None on decode steps; the method memoises in cache.method_state
-    key_valid: torch.Tensor  # (B, Tk) False at padding, over cached + new positions
-    image_mask: torch.Tensor  # (B, T) True at <image> positions of the new rows
+    images: ImageInputs | None  # None on decode steps; the method keeps what it needs in its cached state
     loss_rows: torch.Tensor | None = None  # (B, T) True at rows whose next token is scored (training)
-    info: dict[str, Any] = field(default_factory=dict)  # what the method reports (e.g. selection masks)
+    run: RunOptions | None = None  # the method's per-call choices
+
+    @property
+    def ctx(self) -> AttnContext:
+        return self.tokens.ctx
+
+    @property
+    def key_valid(self) -> torch.Tensor:
+        """(B, Tk) False at padding, over cached + new positions."""
+        return self.tokens.key_valid
+
+    @property
+    def image_mask(self) -> torch.Tensor:
+        """(B, T) True at the <image> positions of the new rows."""
+        return self.tokens.image
+
+    def layer_cache(self, i: int) -> LayerCache | None:
+        return self.cache.layers[i] if self.cache is not None else None
+
+
+S = TypeVar("S")
+
+
+def cached_state(step: Step, kind: type[S]) -> S | None:
+    """The method's per-request state kept in the cache by an earlier call (None: none yet)."""
+    state = step.cache.method_state if step.cache is not None else None
+    if state is None:
+        return None
+    if not isinstance(state, kind):
+        raise LoupeError(f"the cache holds {type(state).__name__}, not {kind.__name__}: a cache serves one "
+                         "request of one method")
+    return state
+
+
+def keep_state(step: Step, state: object) -> None:
+    """Keep `state` for the later calls of this request (no-op without a cache)."""
+    if step.cache is not None:
+        step.cache.method_state = state
+
+
+@dataclass
+class TrainStep:
+    """Where training is when it calls `Method.on_train_step`."""
+
+    step: int  # 0-based
+    epoch: float  # samples seen / training set size
+    generator: torch.Generator  # the training run's generator for the method's draws
+
+
+@dataclass
+class TrainDraw:
+    """What a method chose for one training step: the run options of the step's forward,
+    and a label counted in the training log (None: nothing to count)."""
+
+    run: RunOptions | None = None
+    label: str | None = None
 
 
 class Method(nn.Module):
-    """Base class: LLaVA behaviour (spliced image tokens, plain layer loop)."""
+    """Base class: LLaVA behaviour (image tokens in the sequence, plain layer loop)."""
 
     name: ClassVar[str] = "base"
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    run_class: ClassVar[type[RunOptions]] = RunOptions
 
     def __init__(self, cfg: VLMConfig, options: MethodConfig) -> None:
         super().__init__()
@@ -105,24 +203,41 @@ class Method(nn.Module):
         """Methods with equal keys compute equal `features` from the same pixels."""
         return ("native", self.cfg.vision.image_size)
 
-    def features(self, vlm: VLM, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"lr": vlm.image_features(pixel_values)}  # (I, N, W)
+    def features(self, vlm: VLM, pixel_values: torch.Tensor) -> ImageFeatures:
+        return ImageFeatures(vlm.image_features(pixel_values))  # (I, N, W)
 
-    def assemble(self, features: dict[str, torch.Tensor], image_sizes: torch.Tensor | None = None) -> ImageInputs:
-        return ImageInputs(features["lr"])
+    def assemble(self, features: ImageFeatures, image_sizes: torch.Tensor | None = None) -> ImageInputs:
+        return ImageInputs(features.lr)
 
-    def run_layers(self, vlm: VLM, x: torch.Tensor, step: Step) -> torch.Tensor:
+    def run_layers(self, vlm: VLM, x: torch.Tensor, step: Step) -> tuple[torch.Tensor, MethodReport]:
         for i, layer in enumerate(vlm.decoder.layers):
-            x = layer(x, step.ctx, step.cache.layers[i] if step.cache else None)
-        return x
+            x = layer(x, step.ctx, step.layer_cache(i))
+        return x, MethodReport()
+
+    def check_run(self, run: RunOptions | None) -> None:
+        """Refuse run options of another method."""
+        if run is not None and not isinstance(run, self.run_class):
+            raise LoupeError(f"method {self.name!r} takes {self.run_class.__name__} run options, "
+                             f"not {type(run).__name__}")
+
+    def run_options(self, run: RunOptions | None) -> MethodConfig:
+        """The options that describe this model run with `run` (for the cost model and labels)."""
+        return self.options
 
     def init_from_base(self, vlm: VLM) -> None:
         """Initialise new weights from the base model's (called by `loupe convert`)."""
 
-    def on_train_step(self, gen: torch.Generator) -> dict[str, Any]:
-        """Called by `loupe.train` before each step (e.g. VISOR draws the step's
-        configuration); returns what to log for the step."""
-        return {}
+    def init_buffers(self) -> None:
+        """Give the method's persistent buffers their initial values (a checkpoint from before
+        a buffer existed lacks it)."""
+
+    def on_train_step(self, where: TrainStep) -> TrainDraw:
+        """Called by `loupe.train` before each step (FlexAttention opens its gate, VISOR draws
+        the step's configuration)."""
+        return TrainDraw()
+
+    def on_train_end(self) -> None:
+        """Called by `loupe.train` after the last step, before the final save."""
 
     @classmethod
     def cost_plan(cls, cfg: VLMConfig, options: MethodConfig, workload: Workload) -> CostPlan:
@@ -160,6 +275,42 @@ def method_options(name: str, **options: Any) -> MethodConfig:
     if unknown:
         raise ConfigError(f"method {name!r} has no option(s) {unknown}; it takes {sorted(known) or 'none'}")
     return cls.config_class(**options)
+
+
+def parse_method(spec: str, hr_size: int | None = None, **options: Any) -> MethodConfig:
+    """'flexattn@1008' or 'visor@1008,configuration=min' -> the method's options (hr_size
+    from '@', else `hr_size` if the method has one). `options` apply where the method has
+    such a field; the spec's own KEY=VALUE pairs (values read as JSON) apply to it alone."""
+    head, *pairs = spec.split(",")
+    name, _, size = head.partition("@")
+    fields = {f.name for f in dataclasses.fields(_method_class(name).config_class)}
+    chosen = {k: v for k, v in options.items() if k in fields and v is not None}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in fields:
+            raise LoupeError(f"{pair!r} in {spec!r} is not KEY=VALUE with KEY an option of {name!r} "
+                             f"({sorted(fields)})")
+        try:
+            chosen[key] = json.loads(value)
+        except json.JSONDecodeError:
+            chosen[key] = value
+    if size:
+        if "hr_size" not in fields:
+            raise LoupeError(f"method {name!r} takes no HR size, but {spec!r} gives one")
+        try:
+            chosen["hr_size"] = int(size)
+        except ValueError:
+            raise LoupeError(f"HR size {size!r} in {spec!r} is not an integer") from None
+    elif hr_size is not None and "hr_size" in fields:
+        chosen["hr_size"] = hr_size
+    return method_options(name, **chosen)
+
+
+def method_label(options: MethodConfig, cfg: VLMConfig) -> str:
+    """`flexattn@1008`, `visor@672 [min]`: a method and what tells this run of it apart."""
+    hr = getattr(options, "resolved_hr_size", None)
+    variant = options.variant(cfg)
+    return options.name + (f"@{hr(cfg)}" if hr else "") + (f" [{variant}]" if variant else "")
 
 
 def build_method(cfg: VLMConfig, options: MethodConfig) -> Method:

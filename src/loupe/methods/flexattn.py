@@ -23,7 +23,6 @@ are memoised per layer and request, so each HR token is projected at most once.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -35,21 +34,29 @@ from loupe.config import VLMConfig
 from loupe.errors import ConfigError, LoupeError
 from loupe.flops import CostPlan, Workload, attention, linear
 from loupe.methods import selection
-from loupe.methods.base import ImageInputs, MethodConfig, Step, register
-from loupe.methods.highres import HighResMethod, check_hr_size, tiled_plan
-from loupe.nn.attention import attend
-from loupe.nn.decoder import DecoderLayer
+from loupe.methods.base import (
+    ImageFeatures,
+    ImageInputs,
+    MethodConfig,
+    MethodReport,
+    Step,
+    TrainDraw,
+    TrainStep,
+    cached_state,
+    keep_state,
+    register,
+)
+from loupe.methods.highres import HighResMethod, TiledConfig, tiled_plan
+from loupe.nn.decoder import ExtraKeys, Rows
 from loupe.nn.rope import Rope
 
 if TYPE_CHECKING:
     from loupe.vlm import VLM
 
 
-
-@dataclass
-class FlexAttnConfig(MethodConfig):
+@dataclass(frozen=True)
+class FlexAttnConfig(TiledConfig):
     name: ClassVar[str] = "flexattn"
-    hr_size: int = 0  # 0: 3x the native size (1008 for 336)
     first_layer: int = 0  # 0: the same fraction of depth as layer 9 of 32
     threshold: float = 48.0  # binarisation threshold on the 0..255 scale
     pool: int = 9  # coarse grid side; one cell = one block of HR tokens
@@ -58,15 +65,13 @@ class FlexAttnConfig(MethodConfig):
     ablation_ratio: float = 0.1  # block fraction of the random / center strategies
     source: str = "official"  # official: attention without HR columns; paper: first N columns of it
     memoise: bool = True  # project each HR token at most once per request in generation
-
-    def resolved_hr_size(self, cfg: VLMConfig) -> int:
-        return self.hr_size or 3 * cfg.vision.image_size
+    gate_warmup: float = 10.0  # the official training gate: a = min(1, epoch * gate_warmup)
 
     def resolved_first_layer(self, cfg: VLMConfig) -> int:
         return self.first_layer or max(1, round(9 / 32 * cfg.text.num_layers))
 
     def validate(self, cfg: VLMConfig) -> None:
-        check_hr_size(cfg, self.resolved_hr_size(cfg), tiled=True)
+        super().validate(cfg)
         layers, first = cfg.text.num_layers, self.resolved_first_layer(cfg)
         if not 1 <= first < layers:
             raise ConfigError(f"first_layer={first} is out of range: it must be in 1..{layers - 1} (the layer "
@@ -84,6 +89,8 @@ class FlexAttnConfig(MethodConfig):
             raise ConfigError(f"strategy={self.strategy!r}; choose one of {list(selection.STRATEGIES)}")
         if self.source not in ("official", "paper"):
             raise ConfigError(f"source={self.source!r}; choose 'official' or 'paper'")
+        if not self.gate_warmup > 0:
+            raise ConfigError(f"gate_warmup={self.gate_warmup} must be > 0")
 
 
 class HRProjection(nn.Module):
@@ -96,8 +103,8 @@ class HRProjection(nn.Module):
 
 
 @dataclass
-class Request:
-    """Per-request state: built at prefill, kept in the cache for the decode steps."""
+class FlexState:
+    """Per request: built at prefill, kept in the cache for the decode steps."""
 
     hr: torch.Tensor  # (B, M, W) HR features
     hr_rope: Rope  # (B, M, D) angles of the HR keys
@@ -108,6 +115,15 @@ class Request:
     memo_done: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, M) projected yet
     memoise: bool = False  # keep projections across calls (generation with a cache)
     projected: int = 0  # HR tokens projected so far in this request (all layers)
+
+
+@dataclass
+class FlexReport(MethodReport):
+    """FlexAttention's report: per layer that selects for the next, the HR tokens each HR row chose."""
+
+    selection: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, R, M) bool
+    hr_rows: torch.Tensor | None = None  # (B, R) index of each HR row among the call's rows
+    hr_rows_valid: torch.Tensor | None = None  # (B, R) False at padding
 
 
 @register
@@ -123,15 +139,33 @@ class FlexAttention(HighResMethod):
         t = cfg.text
         self.layers = nn.ModuleDict({str(i): HRProjection(t.hidden_size, t.num_kv_heads * t.head_dim)
                                      for i in range(self.first, t.num_layers)})
-        self.gate = 1.0  # training gate a = min(1, epoch * warmup); 1 = HR rows fully hierarchical
+        # The training gate a (HR rows mix (1 - a) * out_noHR + a * out_HR), a persistent buffer so
+        # that a checkpoint saved mid-warm-up resumes where it was; 1 = fully hierarchical.
+        self.register_buffer("gate", torch.ones(()), persistent=True)
+        # While training, the exact (float64) value the official code mixes with; the buffer
+        # holds it in the model's dtype, which would round 1 - a differently during warm-up.
+        self._training_gate: float | None = None
 
-    def set_gate(self, epoch: float, warmup: float = 10.0) -> float:
-        """The official training gate: HR rows mix (1 - a) * out_noHR + a * out_HR with
-        a = min(1, epoch * warmup) (epoch may be fractional). Returns a."""
-        if epoch < 0 or warmup <= 0:
-            raise LoupeError(f"gate needs epoch >= 0 and warmup > 0, got epoch={epoch}, warmup={warmup}")
-        self.gate = min(1.0, epoch * warmup)
-        return self.gate
+    def init_buffers(self) -> None:
+        self.gate.fill_(1.0)
+
+    def current_gate(self) -> float:
+        return self._training_gate if self._training_gate is not None else float(self.gate)
+
+    def gate_at(self, epoch: float) -> float:
+        """The official training gate a = min(1, epoch * gate_warmup) (epoch may be fractional)."""
+        if epoch < 0:
+            raise LoupeError(f"the training gate needs epoch >= 0, got epoch={epoch}")
+        return min(1.0, epoch * self.options.gate_warmup)
+
+    def on_train_step(self, where: TrainStep) -> TrainDraw:
+        self._training_gate = self.gate_at(where.epoch)
+        self.gate.fill_(self._training_gate)
+        return TrainDraw()
+
+    def on_train_end(self) -> None:
+        self._training_gate = None
+        self.gate.fill_(1.0)  # inference: HR rows fully hierarchical
 
     def init_from_base(self, vlm: VLM) -> None:
         """W'_K, W'_V start as copies of the layer's W_K, W_V (the official code's intent)."""
@@ -168,71 +202,45 @@ class FlexAttention(HighResMethod):
         plan.image_parts = ("hr_attention", "hr_projection")
         return plan
 
-    def assemble(self, features: dict[str, torch.Tensor], image_sizes: torch.Tensor | None = None) -> ImageInputs:
-        extras = {"hr": features["hr"]}  # (I, M, W)
-        if image_sizes is not None:
-            extras["image_sizes"] = image_sizes.to(features["hr"].device)
-        return ImageInputs(features["lr"], extras)  # (I, N, W)
+    def assemble(self, features: ImageFeatures, image_sizes: torch.Tensor | None = None) -> ImageInputs:
+        hr = self.hr_of(features)  # (I, M, W)
+        sizes = None if image_sizes is None else image_sizes.to(hr.device)
+        return ImageInputs(features.lr, hr=hr, image_sizes=sizes)  # (I, N, W)
 
     # ---- layer loop -----------------------------------------------------------------
-    def run_layers(self, vlm: VLM, x: torch.Tensor, step: Step) -> torch.Tensor:
+    def run_layers(self, vlm: VLM, x: torch.Tensor, step: Step) -> tuple[torch.Tensor, FlexReport]:
         req = self._request(vlm, step, x.shape[0])
         rows, row_valid = self._hr_rows(step, x.shape[:2])  # (B, R), (B, R)
+        gate = self.current_gate()
         sel: torch.Tensor | None = None  # (B, R, M) selection made by the previous layer
-        masks, fractions, projected_before = {}, {}, req.projected
+        report = FlexReport(hr_rows=rows, hr_rows_valid=row_valid)
+        projected_before = req.projected
         for i, layer in enumerate(vlm.decoder.layers):
-            cache = step.cache.layers[i] if step.cache is not None else None
+            cache = step.layer_cache(i)
             if i < self.first - 1:
                 x = layer(x, step.ctx, cache)
                 continue
-            x, attn_lr = self._layer(i, layer, x, step, cache, req, rows, row_valid, sel)
+            extra = self._hr_keys(i, req, sel, gate) if i >= self.first and sel is not None else None
+            # The HR rows recomputed explicitly: their attention over the LR image columns is
+            # what the next layer selects from (DESIGN.md section 2).
+            x, probs = layer.forward_rows(x, step.ctx, cache, Rows(rows, row_valid, extra, columns=None,
+                                                                   probs_without_extra=self._official()))
+            attn_lr = probs[..., : step.key_valid.shape[1]].sum(1)  # (B, R, Tk) summed over heads
+            attn_lr = attn_lr.gather(2, req.image_cols[:, None].expand(-1, rows.shape[1], -1)).detach()  # (B, R, N)
             if i + 1 < len(vlm.decoder.layers):  # the last layer has no next layer to select for
                 sel = self._select(attn_lr, req, row_valid)  # (B, R, M) for layer i + 1
-                masks[i + 1] = sel
-                fractions[i + 1] = _fraction(sel, row_valid)
-        step.info["selection"] = masks
-        step.info["selected_fraction"] = fractions
-        step.info["hr_rows"] = (rows, row_valid)
+                report.selection[i + 1] = sel
+                report.selected_fraction[i + 1] = _fraction(sel, row_valid)
         hr_layers = len(vlm.decoder.layers) - self.first
-        step.info["projected_fraction"] = (req.projected - projected_before) / (req.hr.shape[0] * req.hr.shape[1]
-                                                                                * hr_layers)
-        return x
+        report.projected_fraction = (req.projected - projected_before) / (req.hr.shape[0] * req.hr.shape[1]
+                                                                          * hr_layers)
+        return x, report
 
-    def _layer(self, i: int, layer: DecoderLayer, x: torch.Tensor, step: Step, cache, req: Request,
-               rows: torch.Tensor, row_valid: torch.Tensor,
-               sel: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decoder layer whose HR rows (hierarchical if i >= first) are recomputed eagerly.
-        Returns the new hidden states and the HR rows' attention over the LR image columns."""
-        attn = layer.self_attn
-        q, k, v = attn.qkv(layer.input_layernorm(x), step.ctx.rope)  # (B, H, T, D), (B, G, T, D)
-        if cache is not None:
-            k, v = cache.append(k, v)  # (B, G, Tk, D)
-        q_rows = _gather_rows(q, rows)  # (B, H, R, D)
-        key_mask = _row_key_mask(step, rows, k.shape[2])  # (B, R, Tk)
-        hierarchical = i >= self.first and sel is not None
-        # A decode step's only row is its HR row, whose eager recomputation below gives the
-        # layer's whole output (with the training gate fully open): the fused pass is skipped.
-        only_hr_rows = q.shape[2] == 1 and bool(row_valid.all()) and (self.gate == 1.0 or not hierarchical)
-        out = None if only_hr_rows else attend(q, k, v, step.ctx.mask, causal=step.ctx.causal,
-                                               kernel=step.ctx.kernel)[0]  # (B, H, T, D)
-        if hierarchical:
-            k_hr, v_hr, hr_mask = self._hr_keys(i, req, sel)  # (B, G, S, D) x2, (B, R, S)
-            rows_out, probs = _row_attention(q_rows, k, v, key_mask, k_hr, v_hr, hr_mask,
-                                             lr_probs=self.options.source == "official")
-        else:
-            rows_out, probs = _row_attention(q_rows, k, v, key_mask)
-        if out is None:
-            out = rows_out  # T == R == 1
-        elif hierarchical:
-            rows_out = (1 - self.gate) * _gather_rows(out, rows) + self.gate * rows_out
-            out = _scatter_rows(out, rows, row_valid, rows_out)
-        x = x + attn.o_proj(attn.merge(out))
-        attn_lr = probs[..., : k.shape[2]].sum(1)  # (B, R, Tk) summed over heads
-        attn_lr = attn_lr.gather(2, req.image_cols[:, None].expand(-1, rows.shape[1], -1))  # (B, R, N)
-        return layer.feed_forward(x), attn_lr.detach()
+    def _official(self) -> bool:
+        return self.options.source == "official"
 
     # ---- selection ------------------------------------------------------------------
-    def _select(self, attn_lr: torch.Tensor, req: Request, row_valid: torch.Tensor) -> torch.Tensor:
+    def _select(self, attn_lr: torch.Tensor, req: FlexState, row_valid: torch.Tensor) -> torch.Tensor:
         b, r, _ = attn_lr.shape
         g = self.cfg.vision.grid
         allowed = req.allowed[:, None].expand(b, r, g, g).reshape(b * r, g, g)
@@ -242,7 +250,7 @@ class FlexAttention(HighResMethod):
                                 budget=o.budget, ablation_ratio=o.ablation_ratio)
         return flat.view(b, r, -1) & row_valid[..., None]  # (B, R, M)
 
-    def _hr_keys(self, i: int, req: Request, sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _hr_keys(self, i: int, req: FlexState, sel: torch.Tensor, gate: float) -> ExtraKeys:
         """Keys/values of the HR tokens any row of a sample selected, and each row's mask."""
         union = sel.any(1)  # (B, M)
         s = max(1, int(union.sum(1).max()))
@@ -250,9 +258,9 @@ class FlexAttention(HighResMethod):
         picked = union.gather(1, idx)  # (B, S)
         k_hr, v_hr = self._project(i, req, idx)  # (B, G, S, D) x2
         hr_mask = sel.gather(2, idx[:, None].expand(-1, sel.shape[1], -1)) & picked[:, None]  # (B, R, S)
-        return k_hr, v_hr, hr_mask
+        return ExtraKeys(k_hr, v_hr, hr_mask, gate)
 
-    def _project(self, i: int, req: Request, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _project(self, i: int, req: FlexState, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE_hr(Z W'_K), Z W'_V for HR tokens idx (B, S); memoised per request if enabled."""
         if not req.memoise:
             return self._project_now(i, req, idx)
@@ -275,7 +283,7 @@ class FlexAttention(HighResMethod):
         slot = idx[:, None, :, None].expand(-1, req.memo_k[i].shape[1], -1, req.memo_k[i].shape[3])
         return req.memo_k[i].gather(2, slot), req.memo_v[i].gather(2, slot)
 
-    def _project_now(self, i: int, req: Request, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _project_now(self, i: int, req: FlexState, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         proj = self.layers[str(i)]
         z = req.hr.gather(1, idx[..., None].expand(-1, -1, req.hr.shape[-1]))  # (B, S, W)
         req.projected += idx.numel()
@@ -286,13 +294,13 @@ class FlexAttention(HighResMethod):
         return req.hr_rope.select(idx).apply(k), v
 
     # ---- per-request state ----------------------------------------------------------
-    def _request(self, vlm: VLM, step: Step, batch: int) -> Request:
-        memo = step.cache.method_state if step.cache is not None else {}
-        if "flexattn" in memo:
-            return memo["flexattn"]
-        if step.images is None or "hr" not in step.images.extras:
+    def _request(self, vlm: VLM, step: Step, batch: int) -> FlexState:
+        state = cached_state(step, FlexState)
+        if state is not None:
+            return state
+        if step.images is None or step.images.hr is None:
             raise LoupeError("flexattn needs an image: pass pixel_values (or encoded images) with the prompt")
-        hr = step.images.extras["hr"].to(vlm.dtype)  # (B, M, W)
+        hr = step.images.hr.to(vlm.dtype)  # (B, M, W)
         n = self.cfg.tokens_per_image
         counts = step.image_mask.sum(1)
         if hr.shape[0] != batch or bool((counts != n).any()):
@@ -300,11 +308,10 @@ class FlexAttention(HighResMethod):
                              f"{counts.tolist()} image tokens for a batch of {batch} ({n} tokens per image)")
         offset = step.key_valid.shape[1] - step.image_mask.shape[1]  # keys cached before this call
         image_cols = offset + torch.nonzero(step.image_mask)[:, 1].view(batch, n)  # (B, N)
-        req = Request(hr, self._hr_rope(step.ctx.rope, image_cols - offset), image_cols,
-                      selection.margin_allowed(step.images.extras.get("image_sizes"), batch, self.cfg.vision.grid,
-                                               hr.device),
-                      memoise=self.options.memoise and step.cache is not None)
-        memo["flexattn"] = req
+        req = FlexState(hr, self._hr_rope(step.ctx.rope, image_cols - offset), image_cols,
+                        selection.margin_allowed(step.images.image_sizes, batch, self.cfg.vision.grid, hr.device),
+                        memoise=self.options.memoise and step.cache is not None)
+        keep_state(step, req)
         return req
 
     def _hr_rope(self, rope: Rope, cols: torch.Tensor) -> Rope:
@@ -335,63 +342,3 @@ def _fraction(sel: torch.Tensor, row_valid: torch.Tensor) -> torch.Tensor:
     """Mean selected fraction of HR tokens per sample over its real rows: (B,)."""
     per_row = sel.float().mean(-1)  # (B, R)
     return (per_row * row_valid).sum(1) / row_valid.sum(1).clamp_min(1)
-
-
-def _gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """(B, H, T, D) -> (B, H, R, D)."""
-    return x.gather(2, rows[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
-
-
-def _scatter_rows(x: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D) with its real rows (B, R) replaced by values (B, H, R, D)."""
-    b_idx, r_idx = valid.nonzero(as_tuple=True)  # (K,) each
-    out = x.clone()
-    out[b_idx, :, rows[b_idx, r_idx]] = values[b_idx, :, r_idx]  # (K, H, D)
-    return out
-
-
-def _row_key_mask(step: Step, rows: torch.Tensor, tk: int) -> torch.Tensor:
-    """(B, R, Tk): the keys each HR row may see in the ordinary causal, padded attention."""
-    t = step.image_mask.shape[1]
-    own = rows + (tk - t)  # (B, R) key index of each row
-    k_pos = torch.arange(tk, device=rows.device)
-    return (k_pos[None, None] <= own[..., None]) & step.key_valid[:, None, :]
-
-
-def _row_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor,
-                   k_hr: torch.Tensor | None = None, v_hr: torch.Tensor | None = None,
-                   hr_mask: torch.Tensor | None = None, lr_probs: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager attention of a few rows q (B, H, R, D) over keys (B, G, Tk, D) and, if given,
-    HR keys (B, G, S, D); the two key sets are never concatenated, only their scores.
-
-    Returns out (B, H, R, D) and probabilities: (B, H, R, Tk + S) of the hierarchical map,
-    or, with `lr_probs`, (B, H, R, Tk) of the same rows' attention WITHOUT the HR columns
-    (the official selection source), both from the same scores.
-    """
-    scale = 1 / math.sqrt(q.shape[-1])
-    scores = _grouped_scores(q, k) * scale  # (B, H, R, Tk)
-    scores = scores.masked_fill(~key_mask[:, None], float("-inf"))
-    if k_hr is None or v_hr is None or hr_mask is None:
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-        return _grouped_mix(probs.to(q.dtype), v), probs
-    hr_scores = (_grouped_scores(q, k_hr) * scale).masked_fill(~hr_mask[:, None], float("-inf"))  # (B, H, R, S)
-    probs = torch.softmax(torch.cat([scores, hr_scores], dim=-1), dim=-1, dtype=torch.float32)
-    tk = k.shape[2]
-    p = probs.to(q.dtype)
-    out = _grouped_mix(p[..., :tk], v) + _grouped_mix(p[..., tk:], v_hr)  # (B, H, R, D)
-    return out, torch.softmax(scores, dim=-1, dtype=torch.float32) if lr_probs else probs
-
-
-def _grouped_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """q (B, H, R, D) . k (B, G, K, D) -> (B, H, R, K) without repeating k over the groups."""
-    b, h, r, d = q.shape
-    g = k.shape[1]
-    qg = q.view(b, g, (h // g) * r, d)  # (B, G, H/G*R, D): heads of a group share keys
-    return (qg @ k.transpose(-1, -2)).view(b, h, r, -1)
-
-
-def _grouped_mix(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """p (B, H, R, K) . v (B, G, K, D) -> (B, H, R, D)."""
-    b, h, r, kk = p.shape
-    g = v.shape[1]
-    return (p.reshape(b, g, (h // g) * r, kk) @ v).view(b, h, r, -1)

@@ -9,20 +9,17 @@ position embeddings (the paper's setting: 448 -> 32 x 32 = 1024 tokens) or, with
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 
 from loupe.config import VLMConfig
 from loupe.flops import CostPlan, Workload
-from loupe.methods.base import ImageInputs, MethodConfig, register
+from loupe.methods.base import ImageFeatures, ImageInputs, MethodConfig, register
 from loupe.methods.highres import HighResMethod, check_hr_size
 
-if TYPE_CHECKING:
-    pass
 
-
-@dataclass
+@dataclass(frozen=True)
 class HDConfig(MethodConfig):
     name: ClassVar[str] = "hd"
     hr_size: int = 0  # 0: 4/3 of the native size rounded to the patch (448 for 336)
@@ -59,8 +56,8 @@ class HD(HighResMethod):
     def tiled(self) -> bool:
         return self.options.tiles
 
-    def assemble(self, features: dict[str, torch.Tensor], image_sizes: torch.Tensor | None = None) -> ImageInputs:
-        return ImageInputs(torch.cat([features["lr"], features["hr"]], dim=1))  # (I, N + M, W)
+    def assemble(self, features: ImageFeatures, image_sizes: torch.Tensor | None = None) -> ImageInputs:
+        return ImageInputs(torch.cat([features.lr, self.hr_of(features)], dim=1))  # (I, N + M, W)
 
 
 def hr_tokens(cfg: VLMConfig, options: HDConfig) -> int:

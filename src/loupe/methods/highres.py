@@ -11,15 +11,16 @@ stitched back into one (k*g) x (k*g) grid, without gradient (the encoder is froz
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from loupe.config import VLMConfig
-from loupe.errors import ConfigError
+from loupe.errors import ConfigError, LoupeError
 from loupe.flops import CostPlan
-from loupe.methods.base import Method, MethodConfig
+from loupe.methods.base import ImageFeatures, Method, MethodConfig
 
 if TYPE_CHECKING:
     from loupe.vlm import VLM
@@ -74,6 +75,19 @@ def encode_interpolated(vlm: VLM, pixels: torch.Tensor) -> torch.Tensor:
     return vlm.image_features(pixels)
 
 
+@dataclass(frozen=True)
+class TiledConfig(MethodConfig):
+    """Options of a method that takes k x k native-size HR tiles (XAttn, FlexAttention, VISOR)."""
+
+    hr_size: int = 0  # 0: 3x the native size (1008 for 336 -> 72 x 72 = 5184 HR tokens)
+
+    def resolved_hr_size(self, cfg: VLMConfig) -> int:
+        return self.hr_size or 3 * cfg.vision.image_size
+
+    def validate(self, cfg: VLMConfig) -> None:
+        check_hr_size(cfg, self.resolved_hr_size(cfg), tiled=True)
+
+
 class HighResMethod(Method):
     """A method that takes the HR image (`hr_size` px) and derives the LR one from it.
     Its options class provides `resolved_hr_size(cfg)`."""
@@ -91,11 +105,17 @@ class HighResMethod(Method):
     def feature_key(self) -> tuple[object, ...]:
         return ("tiled" if self.tiled() else "interpolated", self.hr_size)
 
-    def features(self, vlm: VLM, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+    def features(self, vlm: VLM, pixel_values: torch.Tensor) -> ImageFeatures:
         """LR features (I, N, W) of the downsampled image, HR features (I, M, W)."""
         lr = vlm.image_features(low_res(pixel_values, self.cfg.vision.image_size))
         hr = (encode_tiled if self.tiled() else encode_interpolated)(vlm, pixel_values)
-        return {"lr": lr, "hr": hr}
+        return ImageFeatures(lr, hr)
+
+    @staticmethod
+    def hr_of(features: ImageFeatures) -> torch.Tensor:
+        if features.hr is None:
+            raise LoupeError("this high-resolution method needs HR features; these were computed without them")
+        return features.hr
 
 
 def tiled_plan(cfg: VLMConfig, hr_size: int) -> tuple[CostPlan, int]:

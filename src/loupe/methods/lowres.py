@@ -9,7 +9,7 @@ from typing import ClassVar
 from loupe.methods.base import Method, MethodConfig, register
 
 
-@dataclass
+@dataclass(frozen=True)
 class LowResConfig(MethodConfig):
     name: ClassVar[str] = "lowres"
 

@@ -16,6 +16,11 @@ them) are kept out of the text stream except at:
 Every other layer (and an SA layer a sample does not run) is text-only: text rows attend
 to text keys only.
 
+On the decoder's seams: the CA module is a sublayer before the layer (`FusedLayer`, its
+weights under `method.cross.N`); the text stream is a subset of the call's token set
+(`TokenSet.subset`), the joint layers the whole set with the skipped samples' visual keys
+hidden (`TokenSet.with_keys`); every layer is the decoder's own `DecoderLayer`.
+
 Positions and order: the joint sequence is the prompt in its own order, so an SA layer is
 the standard decoder layer over it, and with every layer SA and no CA layer the model IS
 `hd` (tiles): the starting point a LLaVA checkpoint gives. Text keeps its positions at
@@ -27,8 +32,10 @@ Configurations: a configuration is the set of SA layers a sample runs; any subse
 computes the joint rows for the batch, with the visual keys hidden from, and the visual
 rows left unchanged for, the samples that skip it - exact, and wasted work only for
 mixed batches). `configurations` lists the budgets the model is trained for and the
-router chooses among (cheapest first); `configuration` says which runs: "max", "min",
-an index, "sample" (training: one configuration drawn per step) or "router".
+router chooses among (cheapest first); the option `configuration` says which runs by
+default: "max", "min", an index, "sample" (universal training: one configuration drawn per
+step, by `on_train_step`) or "router". A call chooses otherwise with `VisorRun` (a
+configuration, or one SA-layer set per sample); the saved options never change at run time.
 
 Router: a learned routing token is appended after the prompt for the layers before the
 first SA layer (it sees the prompt, and the image through the CA layers; no row sees it,
@@ -42,11 +49,11 @@ sequence at layers some sample ran as SA, only the text rows elsewhere.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -55,14 +62,24 @@ from torch import nn
 from loupe.config import TextConfig, VLMConfig
 from loupe.errors import ConfigError, LoupeError
 from loupe.flops import CostPlan, Workload, attention, decoder_layer, linear
-from loupe.methods.base import ImageInputs, MethodConfig, Step, register
+from loupe.methods.base import (
+    ImageFeatures,
+    ImageInputs,
+    MethodConfig,
+    MethodReport,
+    RunOptions,
+    Step,
+    TrainDraw,
+    TrainStep,
+    cached_state,
+    keep_state,
+    register,
+)
 from loupe.methods.hd import HDConfig
-from loupe.methods.highres import HighResMethod, check_hr_size, tiled_plan
-from loupe.methods.xattn import CrossAttention
-from loupe.nn.attention import decoder_mask
-from loupe.nn.decoder import AttnContext, DecoderLayer, RMSNorm
+from loupe.methods.highres import HighResMethod, TiledConfig, tiled_plan
+from loupe.nn.decoder import DecoderLayer, RMSNorm
+from loupe.nn.fusion import CrossAttention, FusedLayer
 from loupe.nn.kv_cache import LayerCache
-from loupe.nn.rope import Rope
 
 if TYPE_CHECKING:
     from loupe.vlm import VLM
@@ -70,19 +87,17 @@ if TYPE_CHECKING:
 MODES = ("max", "min", "sample", "router")
 
 
-@dataclass
-class VisorConfig(MethodConfig):
+@dataclass(frozen=True)
+class VisorConfig(TiledConfig):
+    """hr_size 0: 3x the native size, as k x k native tiles (LR + HR = 7290 tokens for LLaVA-OV at 1134)."""
+
     name: ClassVar[str] = "visor"
-    hr_size: int = 0  # 0: 3x the native size, as k x k native tiles (LR + HR = 7290 tokens for LLaVA-OV at 1134)
     ca_layers: list[int] | None = None  # None: L/3 layers spread uniformly over depth
     sa_layers: list[int] | None = None  # None: L/3 layers, each the one after a CA layer
     configurations: list[list[int]] | None = None  # SA subsets trained for, cheapest first; None: nested ladder
     configuration: str | int = "max"  # max | min | sample | router | index into configurations
     conv_kernel: int = 7  # conditional position embedding: depthwise 1-D convolution
     router_hidden: int = 0  # 0: the text width
-
-    def resolved_hr_size(self, cfg: VLMConfig) -> int:
-        return self.hr_size or 3 * cfg.vision.image_size
 
     def resolved_ca(self, cfg: VLMConfig) -> list[int]:
         if self.ca_layers is not None:
@@ -111,7 +126,7 @@ class VisorConfig(MethodConfig):
         return "SA " + (",".join(map(str, layers)) if layers else "none")
 
     def validate(self, cfg: VLMConfig) -> None:
-        check_hr_size(cfg, self.resolved_hr_size(cfg), tiled=True)
+        super().validate(cfg)
         for what, value in (("ca_layers", self.ca_layers), ("sa_layers", self.sa_layers)):
             if value is not None and not (isinstance(value, list) and all(isinstance(i, int) for i in value)):
                 raise ConfigError(f"{what}={value!r} must be a list of layer indices, e.g. [0, 3]")
@@ -167,7 +182,15 @@ class VisualCrossAttention(nn.Module):
         return self.attn.keys_values(h)
 
     def forward(self, text: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], kernel: str) -> torch.Tensor:
-        return text + self.attn(text, kv, kernel)  # (B, Tt, W)
+        """The residual update of the text rows (B, Tt, W); `FusedLayer` adds it."""
+        return self.attn(text, kv, kernel)  # type: ignore[arg-type]
+
+    def reset(self) -> None:
+        self.attn.reset()
+        with torch.no_grad():
+            self.visual_norm.weight.fill_(1.0)
+            nn.init.normal_(self.position.weight, std=0.02)
+            self.position.bias.zero_()
 
 
 class Router(nn.Module):
@@ -184,6 +207,15 @@ class Router(nn.Module):
 
 
 @dataclass
+class VisorRun(RunOptions):
+    """VISOR's per-call choices (none: the model's own `configuration` option decides)."""
+
+    configuration: str | int | None = None  # max | min | router | an index into the configurations
+    configurations: list[list[int]] | None = None  # SA layers per sample (or one set for all); overrides both
+    routing_only: bool = False  # stop once the routing state is known (`Visor.routing_states`)
+
+
+@dataclass
 class Streams:
     """Where the two streams are in this call's rows, and the request's routing."""
 
@@ -194,7 +226,7 @@ class Streams:
 
 
 @dataclass
-class RequestState:
+class VisorState:
     """Kept in the cache between calls of one request."""
 
     sa: torch.Tensor  # (B, L)
@@ -203,10 +235,20 @@ class RequestState:
     ca_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
+@dataclass
+class VisorReport(MethodReport):
+    """VISOR's report of a prefill: who ran which layer as SA, and the router's view."""
+
+    sa: torch.Tensor | None = None  # (B, L) True where the sample ran the layer as SA
+    routing_state: torch.Tensor | None = None  # (B, W) the routing token's hidden state (when routed)
+    router_logits: torch.Tensor | None = None  # (B, C)
+
+
 @register
 class Visor(HighResMethod):
     name = "visor"
     config_class = VisorConfig
+    run_class = VisorRun
     options: VisorConfig
 
     def __init__(self, cfg: VLMConfig, options: VisorConfig) -> None:
@@ -217,16 +259,13 @@ class Visor(HighResMethod):
         self.cross = nn.ModuleDict({str(i): VisualCrossAttention(t, options.conv_kernel) for i in self.ca_layers})
         self.route_token = nn.Parameter(torch.zeros(t.hidden_size))
         self.router = Router(t, options.router_hidden or t.hidden_size, len(self.configurations))
-        self.forced: torch.Tensor | None = None  # (B, L) SA layers per sample, overriding `configuration`
-        self.sampled: int | None = None  # the configuration drawn for this training step ("sample")
-        self.stop_after_routing = False  # routing_states(): return once the routing state is known
 
     # ---- images: LR + HR, all in the visual stream ----------------------------------------------------
     def tokens_per_image(self) -> int:
         return self.cfg.tokens_per_image + (self.hr_size // self.cfg.vision.patch_size) ** 2
 
-    def assemble(self, features: dict[str, torch.Tensor], image_sizes: torch.Tensor | None = None) -> ImageInputs:
-        return ImageInputs(torch.cat([features["lr"], features["hr"]], dim=1))  # (I, N + M, W)
+    def assemble(self, features: ImageFeatures, image_sizes: torch.Tensor | None = None) -> ImageInputs:
+        return ImageInputs(torch.cat([features.lr, self.hr_of(features)], dim=1))  # (I, N + M, W)
 
     # ---- configurations ----------------------------------------------------------------------------
     def masks(self, configurations: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -237,80 +276,93 @@ class Visor(HighResMethod):
             out[row, list(c)] = True
         return out.to(self.route_token.device)
 
-    @contextlib.contextmanager
-    def configured(self, configurations: Sequence[Sequence[int]]) -> Iterator[None]:
-        """Run each sample of the next forwards with its own SA layers (one set per sample,
-        or one set for the whole batch)."""
-        before, self.forced = self.forced, self.masks(configurations)
-        try:
-            yield
-        finally:
-            self.forced = before
-
-    def on_train_step(self, gen: torch.Generator) -> dict[str, Any]:
+    def on_train_step(self, where: TrainStep) -> TrainDraw:
         """Universal training ("sample"): draw one configuration for this step, uniformly."""
         if self.options.configuration != "sample":
-            return {}
-        self.sampled = int(torch.randint(len(self.configurations), (1,), generator=gen))
-        return {"configuration": self.sampled}
+            return TrainDraw()
+        k = int(torch.randint(len(self.configurations), (1,), generator=where.generator))
+        return TrainDraw(VisorRun(configuration=k), str(k))
 
-    def _fixed_choice(self) -> int | None:
-        mode = self.options.configuration
+    def _mode(self, run: VisorRun | None) -> str | int:
+        return run.configuration if run is not None and run.configuration is not None else self.options.configuration
+
+    def _fixed_choice(self, run: VisorRun | None) -> int | None:
+        """The configuration every sample runs, or None when the router decides."""
+        mode = self._mode(run)
         if isinstance(mode, int):
+            if not 0 <= mode < len(self.configurations):
+                raise LoupeError(f"configuration {mode} is not an index 0..{len(self.configurations) - 1} into "
+                                 f"the {len(self.configurations)} configurations")
             return mode
-        if mode == "sample":
-            return self.sampled if self.sampled is not None and self.training else len(self.configurations) - 1
-        return {"max": len(self.configurations) - 1, "min": 0}.get(mode)
+        if mode not in MODES:
+            raise LoupeError(f"configuration={mode!r}: choose one of {list(MODES)} or an index")
+        return {"max": len(self.configurations) - 1, "min": 0, "sample": len(self.configurations) - 1}.get(mode)
+
+    def run_options(self, run: RunOptions | None) -> MethodConfig:
+        """The options describing a run at one configuration (for the cost model and labels)."""
+        assert run is None or isinstance(run, VisorRun)
+        if run is None or run.configuration is None:
+            return self.options
+        return dataclasses.replace(self.options, configuration=run.configuration)
 
     # ---- the layer loop ----------------------------------------------------------------------------
-    def run_layers(self, vlm: VLM, x: torch.Tensor, step: Step) -> torch.Tensor:
-        streams, state = self._streams(step, x.shape[0])
+    def run_layers(self, vlm: VLM, x: torch.Tensor, step: Step) -> tuple[torch.Tensor, VisorReport]:
+        run = step.run if isinstance(step.run, VisorRun) else None
+        streams, state = self._streams(step, x.shape[0], run)
+        report = VisorReport()
         t = x.gather(1, _rows(streams.text_idx, x))  # (B, Tt, W)
         v = x.gather(1, _rows(streams.visual_idx, x))  # (B, Nv', W)
-        route = self._wants_routing(step)  # then sa_layers is not empty: routing ends at sa_layers[0]
-        text_ctx = self._text_ctx(streams, step)  # the same for every text-only layer of this call
+        route = self._wants_routing(step, run)  # then sa_layers is not empty: routing ends at sa_layers[0]
+        text = step.tokens.subset(streams.text_idx, ~streams.visual_cols)  # the same for every text-only layer
         if route:
             t = torch.cat([t, self.route_token.to(t.dtype).expand(t.shape[0], 1, -1)], dim=1)  # (B, Tt+1, W)
-            route_ctx = self._text_ctx(streams, step, extra=1)
+            after_prompt = step.key_valid.long().sum(-1, keepdim=True)  # (B, 1) the position after the prompt
+            routed = text.extended(after_prompt)
         for i, layer in enumerate(vlm.decoder.layers):
             if route and i == self.sa_layers[0]:
-                t = self._route(t, streams, step)
+                t = self._route(t, streams, step, report)
                 route = False
-                if self.stop_after_routing:  # routing_states(): the caller reads info, not the output
-                    return x
-            cache = step.cache.layers[i] if step.cache is not None else None
-            if str(i) in self.cross:
-                t = self.cross[str(i)](t, self._cross_kv(i, v, state), step.ctx.kernel)
+                if run is not None and run.routing_only:  # routing_states(): the caller reads the report
+                    return x, report
+            cache = step.layer_cache(i)
+            fused = self._fused(i, layer, v, state, step) if str(i) in self.cross else None
             joint = bool(streams.sa[:, i].any()) if state is None or step.images is not None else state.joint[i]
             if joint:
+                t = fused.fuse(t) if fused is not None else t
                 t, v = self._joint_layer(layer, t, v, streams, step, i, cache)
             else:
-                t = layer(t, route_ctx if route else text_ctx, cache)
+                t = (fused or layer)(t, (routed if route else text).ctx, cache)
             if state is not None and step.images is not None:
                 state.joint.append(joint)
         if step.images is not None:
-            step.info.update(sa=streams.sa, sa_layers=streams.sa.sum(-1))  # (B, L), (B,)
-        return self._merge(t, v, streams, x)
+            report.sa, report.sa_layers = streams.sa, streams.sa.sum(-1)  # (B, L), (B,)
+        return self._merge(t, v, streams, x), report
 
-    def _streams(self, step: Step, batch: int) -> tuple[Streams, RequestState | None]:
-        memo = step.cache.method_state if step.cache is not None else {}
+    def _fused(self, i: int, layer: DecoderLayer, v: torch.Tensor, state: VisorState | None,
+               step: Step) -> FusedLayer:
+        """Layer i with its CA module before it, over the text rows."""
+        ca = partial(self.cross[str(i)], kv=self._cross_kv(i, v, state), kernel=step.ctx.kernel)
+        return FusedLayer(layer, ca, "input")
+
+    def _streams(self, step: Step, batch: int, run: VisorRun | None) -> tuple[Streams, VisorState | None]:
         new_visual = step.image_mask  # (B, T)
         counts = new_visual.sum(-1)
+        kept = cached_state(step, VisorState)
         if step.images is not None:
-            if "visor" in memo:
+            if kept is not None:
                 raise LoupeError("visor takes its image in the first call of a request (the prefill)")
             expected = self.tokens_per_image()
             if bool((counts != expected).any()):
                 raise LoupeError(f"visor takes exactly one image per sample ({expected} image tokens); the batch "
                                  f"holds {counts.tolist()} image tokens per sample")
-            sa = self._initial_sa(batch)
-            state = RequestState(sa, new_visual, []) if step.cache is not None else None
+            sa = self._initial_sa(batch, run)
+            state = VisorState(sa, new_visual, []) if step.cache is not None else None
             if state is not None:
-                memo["visor"] = state
+                keep_state(step, state)
         else:
-            if "visor" not in memo:
+            if kept is None:
                 raise LoupeError("visor needs an image: pass pixel_values (or encoded images) with the prompt")
-            state = memo["visor"]
+            state = kept
             state.visual_cols = torch.cat([state.visual_cols, new_visual], dim=1)
             sa = state.sa
         visual_cols = state.visual_cols if state is not None else new_visual
@@ -318,64 +370,50 @@ class Visor(HighResMethod):
         tt = new_visual.shape[1] - int(counts[0]) if counts.numel() else new_visual.shape[1]
         return Streams(order[:, :tt], order[:, tt:], visual_cols, sa), state
 
-    def _initial_sa(self, batch: int) -> torch.Tensor:
+    def _initial_sa(self, batch: int, run: VisorRun | None) -> torch.Tensor:
         """(B, L) SA layers per sample before routing (routing fills them in at the first SA layer)."""
-        if self.forced is not None:
-            if self.forced.shape[0] not in (1, batch):
-                raise LoupeError(f"{self.forced.shape[0]} configurations given for a batch of {batch}")
-            return self.forced.expand(batch, -1).clone()
-        choice = self._fixed_choice()
+        if run is not None and run.configurations is not None:
+            forced = self.masks(run.configurations)
+            if forced.shape[0] not in (1, batch):
+                raise LoupeError(f"{forced.shape[0]} configurations given for a batch of {batch}")
+            return forced.expand(batch, -1).clone()
+        choice = self._fixed_choice(run)
         if choice is None:  # router: decided before the first SA layer
             return torch.zeros(batch, self.cfg.text.num_layers, dtype=torch.bool, device=self.route_token.device)
         return self.masks([self.configurations[choice]]).expand(batch, -1).clone()
 
-    def _wants_routing(self, step: Step) -> bool:
-        return (step.images is not None and self.forced is None and self._fixed_choice() is None
-                and bool(self.sa_layers))
+    def _wants_routing(self, step: Step, run: VisorRun | None) -> bool:
+        forced = run is not None and run.configurations is not None
+        return step.images is not None and not forced and self._fixed_choice(run) is None and bool(self.sa_layers)
 
-    def _route(self, t: torch.Tensor, streams: Streams, step: Step) -> torch.Tensor:
+    def _route(self, t: torch.Tensor, streams: Streams, step: Step, report: VisorReport) -> torch.Tensor:
         """Read the routing row, choose each sample's configuration, drop the row (and its cache entries)."""
         state_h = t[:, -1]  # (B, W)
         logits = self.router(state_h)  # (B, C)
         choice = logits.argmax(-1)  # (B,)
         streams.sa.copy_(self.masks(self.configurations)[choice])
-        step.info.update(routing_state=state_h, router_logits=logits, configuration=choice)
+        report.routing_state, report.router_logits, report.route = state_h, logits, choice
         if step.cache is not None:
             for layer_cache in step.cache.layers[: self.sa_layers[0]]:
                 layer_cache.truncate(layer_cache.length - 1)
         return t[:, :-1]
-
-    def _text_ctx(self, streams: Streams, step: Step, extra: int = 0) -> AttnContext:
-        """Attention context of the text rows over the text keys (plus the routing row if `extra`)."""
-        tt = streams.text_idx.shape[1]
-        key_valid = step.key_valid[~streams.visual_cols].view(step.key_valid.shape[0], -1)  # (B, Tk_text)
-        rope = step.ctx.rope.select(streams.text_idx)
-        if extra:
-            b = key_valid.shape[0]
-            key_valid = torch.cat([key_valid, key_valid.new_ones(b, 1)], dim=1)
-            position = step.key_valid.long().sum(-1, keepdim=True)  # (B, 1) the position after the prompt
-            extra_rope = Rope.at(position, self.cfg.text.head_dim, self.cfg.text.rope_theta, rope.cos.dtype)
-            rope = Rope(torch.cat([rope.cos, extra_rope.cos], 1), torch.cat([rope.sin, extra_rope.sin], 1))
-        mask, causal = decoder_mask(key_valid, tt + extra)
-        return AttnContext(rope, mask, causal, step.ctx.kernel)
 
     def _joint_layer(self, layer: DecoderLayer, t: torch.Tensor, v: torch.Tensor, streams: Streams, step: Step,
                      i: int, cache: LayerCache | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The full decoder layer over the joint rows, in sequence order; visual keys hidden from (and
         visual rows kept for) the samples that do not run layer i as SA."""
         sa = streams.sa[:, i, None]  # (B, 1)
-        key_valid = step.key_valid & ~(streams.visual_cols & ~sa)  # (B, Tk)
+        joint = step.tokens.with_keys(step.key_valid & ~(streams.visual_cols & ~sa))  # (B, Tk)
         if v.shape[1] == 0:  # a decode step: the new rows are all text, already in order
             x = t
         else:
             x = self._merge(t, v, streams, torch.empty(t.shape[0], t.shape[1] + v.shape[1], t.shape[2],
                                                        dtype=t.dtype, device=t.device))
-        mask, causal = decoder_mask(key_valid, x.shape[1])
-        x = layer(x, AttnContext(step.ctx.rope, mask, causal, step.ctx.kernel), cache)  # (B, T, W)
+        x = layer(x, joint.ctx, cache)  # (B, T, W)
         new_v = x.gather(1, _rows(streams.visual_idx, x))
         return x.gather(1, _rows(streams.text_idx, x)), torch.where(sa[..., None], new_v, v)
 
-    def _cross_kv(self, i: int, v: torch.Tensor, state: RequestState | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cross_kv(self, i: int, v: torch.Tensor, state: VisorState | None) -> tuple[torch.Tensor, torch.Tensor]:
         """CA keys/values of layer i from the visual stream as it is there; once per request."""
         if state is not None and i in state.ca_kv:
             return state.ca_kv[i]
@@ -400,13 +438,9 @@ class Visor(HighResMethod):
         running only the layers before the first SA layer."""
         if not self.sa_layers:
             raise LoupeError("this visor model has no SA layers, so there is nothing to route")
-        before = (self.forced, self.options.configuration, self.stop_after_routing)
-        self.forced, self.options.configuration, self.stop_after_routing = None, "router", True
-        try:
-            out = vlm(last_only=True, **forward)
-        finally:
-            self.forced, self.options.configuration, self.stop_after_routing = before
-        return out.info["routing_state"]
+        report = vlm(last_only=True, run=VisorRun(configuration="router", routing_only=True), **forward).report
+        assert isinstance(report, VisorReport) and report.routing_state is not None
+        return report.routing_state
 
     def load_router(self, state: dict[str, torch.Tensor], configurations: list[list[int]]) -> None:
         """Install a trained router; its configuration list must be this model's."""
@@ -421,11 +455,15 @@ class Visor(HighResMethod):
                              "(another width or router_hidden)")
         self.router.load_state_dict({k: v.to(self.route_token.dtype) for k, v in state.items()})
 
-    def set_configurations(self, configurations: list[list[int]]) -> None:
-        """Replace the trained-for configurations (after the viable search); the router is reset."""
-        self.options.configurations = [sorted(c) for c in configurations]
-        self.options.validate(self.cfg)
-        self.configurations = self.options.resolved_configurations(self.cfg)
+    def redefine(self, configurations: list[list[int]], configuration: str | int) -> None:
+        """Make this a model of other trained-for configurations (after the viable search) and
+        another default mode (universal training: "sample"); the router is reset. A change of
+        what the model is, saved with it - not a per-call choice (those are `VisorRun`)."""
+        options = dataclasses.replace(self.options, configurations=[sorted(c) for c in configurations],
+                                      configuration=configuration)
+        options.validate(self.cfg)
+        self.options = options
+        self.configurations = options.resolved_configurations(self.cfg)
         self.reset_router()
 
     def reset_router(self) -> None:
@@ -437,18 +475,11 @@ class Visor(HighResMethod):
 
     # ---- weights ------------------------------------------------------------------------------------
     def init_from_base(self, vlm: VLM) -> None:
+        for module in self.cross.values():
+            module.reset()  # type: ignore[operator]
         with torch.no_grad():
-            for module in self.cross.values():
-                c = module.attn
-                for lin in (c.q_proj, c.k_proj, c.v_proj, c.o_proj):
-                    nn.init.normal_(lin.weight, std=0.02)
-                c.norm.weight.fill_(1.0)
-                c.gate.zero_()
-                module.visual_norm.weight.fill_(1.0)
-                nn.init.normal_(module.position.weight, std=0.02)
-                module.position.bias.zero_()
             self.route_token.copy_(vlm.decoder.embed_tokens.weight.float().mean(0))  # a neutral token
-            _init_router(self.router)
+        _init_router(self.router)
 
     # ---- cost ---------------------------------------------------------------------------------------
     @classmethod

@@ -1,11 +1,16 @@
 """The one seam through which every attention in Loupe runs.
 
 Shape legend: B batch, H query heads, G key/value heads, Tq query rows, Tk key columns,
-D head dim.
+R chosen rows, S extra key columns, D head dim.
 
 `attend` runs PyTorch SDPA by default and an eager reference when asked (or when the
 caller needs the softmax probabilities, which SDPA does not return). Both take the same
 boolean mask (True = may attend) and give the same output; tests hold them to it.
+
+`row_attention` is the score-rows seam: the attention of a FEW chosen query rows,
+computed explicitly so their probabilities can be read (FlexAttention's selection,
+FastV's and PyramidDrop's ranking), optionally over extra key columns that only those
+rows see (FlexAttention's high-resolution keys). The bulk of the rows stays on SDPA.
 """
 
 from __future__ import annotations
@@ -112,3 +117,72 @@ def decoder_mask(key_valid: torch.Tensor, tq: int) -> tuple[torch.Tensor | None,
         if tq == 1:
             return None, False
     return padded_causal_mask(key_valid, tq), False
+
+
+def row_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor | None,
+    key_mask: torch.Tensor,
+    extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    *,
+    probs_without_extra: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Explicit attention of a few rows, with float32 softmax.
+
+    Args:
+        q: (B, H, R, D) the chosen rows' queries (already rotated).
+        k, v: (B, G, Tk, D) the keys and values they may see; v None: probabilities only.
+        key_mask: (B, R, Tk) bool, True where a row may attend.
+        extra: keys (B, G, S, D), values (B, G, S, D) and mask (B, R, S) of extra columns
+            only these rows see. The two key sets are never concatenated, only their scores.
+        probs_without_extra: return the rows' probabilities over `k` alone, as if the extra
+            columns were absent (FlexAttention's official selection source), from the same scores.
+
+    Returns:
+        out (B, H, R, D) (None when v is None) and the probabilities, float32: (B, H, R, Tk)
+        without extra columns (or with `probs_without_extra`), else (B, H, R, Tk + S).
+    """
+    scale = 1 / math.sqrt(q.shape[-1])
+    scores = _grouped_scores(q, k) * scale  # (B, H, R, Tk)
+    scores = scores.masked_fill(~key_mask[:, None], float("-inf"))
+    if extra is None:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        return (None if v is None else _grouped_mix(probs.to(q.dtype), v)), probs
+    if v is None:
+        raise ValueError("row_attention with extra columns needs the values v")
+    k_extra, v_extra, extra_mask = extra
+    extra_scores = _grouped_scores(q, k_extra) * scale  # (B, H, R, S)
+    extra_scores = extra_scores.masked_fill(~extra_mask[:, None], float("-inf"))
+    probs = torch.softmax(torch.cat([scores, extra_scores], dim=-1), dim=-1, dtype=torch.float32)
+    tk = k.shape[2]
+    p = probs.to(q.dtype)
+    out = _grouped_mix(p[..., :tk], v) + _grouped_mix(p[..., tk:], v_extra)  # (B, H, R, D)
+    return out, torch.softmax(scores, dim=-1, dtype=torch.float32) if probs_without_extra else probs
+
+
+def _grouped_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q (B, H, R, D) . k (B, G, K, D) -> (B, H, R, K) without repeating k over the groups."""
+    b, h, r, d = q.shape
+    g = k.shape[1]
+    qg = q.view(b, g, (h // g) * r, d)  # (B, G, H/G*R, D): heads of a group share keys
+    return (qg @ k.transpose(-1, -2)).view(b, h, r, -1)
+
+
+def _grouped_mix(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """p (B, H, R, K) . v (B, G, K, D) -> (B, H, R, D)."""
+    b, h, r, kk = p.shape
+    g = v.shape[1]
+    return (p.reshape(b, g, (h // g) * r, kk) @ v).view(b, h, r, -1)
+
+
+def row_key_mask(rows: torch.Tensor, key_valid: torch.Tensor, new_rows: int) -> torch.Tensor:
+    """(B, R, Tk): the keys each chosen row sees in the ordinary causal, padded attention.
+
+    rows: (B, R) index of each chosen row among the `new_rows` newest positions;
+    key_valid: (B, Tk) False at padding, over cached + new positions.
+    """
+    tk = key_valid.shape[1]
+    own = rows + (tk - new_rows)  # (B, R) key index of each row
+    k_pos = torch.arange(tk, device=rows.device)
+    return (k_pos[None, None] <= own[..., None]) & key_valid[:, None, :]

@@ -1,7 +1,15 @@
-"""LLaMA-style decoder: RMSNorm, rotate-half RoPE, SwiGLU, grouped-query attention.
+"""LLaMA-style decoder: RMSNorm, rotate-half RoPE, SwiGLU, grouped-query attention
+(with q/k/v bias where the config asks, as Qwen2).
 
 Shape legend: B batch, T new positions, Tk cached + new positions, E model width,
-H query heads, G key/value heads, D head dim, F FFN width, V vocabulary.
+H query heads, G key/value heads, D head dim, F FFN width, V vocabulary, R chosen rows,
+S extra key columns, C returned probability columns.
+
+Methods compose with these layers instead of re-implementing them: `DecoderLayer.forward`
+is the plain layer; `forward_rows` the same layer with a few rows recomputed explicitly
+(their probabilities returned, optionally extra keys/values only they see);
+`attention_residual` + `feed_forward` are the two halves a fused sublayer goes between
+(`loupe.nn.fusion`).
 
 Module names follow the Hugging Face checkpoint (`self_attn.q_proj`, `mlp.gate_proj`, ...)
 so the key map in `loupe.checkpoints` stays a short table.
@@ -16,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loupe.config import TextConfig
-from loupe.nn.attention import Kernel, attend
+from loupe.nn.attention import Kernel, attend, row_attention, row_key_mask
 from loupe.nn.kv_cache import LayerCache
 from loupe.nn.rope import Rope
 
@@ -29,6 +37,29 @@ class AttnContext:
     mask: torch.Tensor | None  # (B, 1, T, Tk) bool; None: see `causal`
     causal: bool  # with mask None: True = plain causal (T == Tk), False = see every key
     kernel: Kernel = "sdpa"
+    key_valid: torch.Tensor | None = None  # (B, Tk) False at padding (needed by `Rows`)
+
+
+@dataclass
+class ExtraKeys:
+    """Key/value columns that only the chosen rows see (FlexAttention's HR keys), rotated already."""
+
+    keys: torch.Tensor  # (B, G, S, D)
+    values: torch.Tensor  # (B, G, S, D)
+    mask: torch.Tensor  # (B, R, S) True where a chosen row may attend
+    gate: float = 1.0  # the rows' output: (1 - gate) * without + gate * with these columns
+
+
+@dataclass
+class Rows:
+    """Query rows a layer recomputes explicitly, so that their attention probabilities can
+    be read while every row still goes through the fused kernel (the score-rows seam)."""
+
+    index: torch.Tensor  # (B, R) index of each chosen row among the new rows
+    valid: torch.Tensor  # (B, R) False at padding rows (their output is not replaced)
+    extra: ExtraKeys | None = None  # columns only these rows see
+    columns: torch.Tensor | None = None  # (B, C) key columns whose probabilities are returned (None: all)
+    probs_without_extra: bool = False  # the probabilities as if `extra` were absent (same scores)
 
 
 class RMSNorm(nn.Module):
@@ -55,17 +86,17 @@ class SwiGLU(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Grouped-query self-attention. `heads`/`merge` are public so methods can compose
-    their own attention (extra keys, extra rows) from the same projections."""
+    """Grouped-query self-attention; `forward_rows` adds the chosen-rows path."""
 
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        e, hd, bias = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
-        self.q_proj = nn.Linear(e, cfg.num_heads * hd, bias=bias)
-        self.k_proj = nn.Linear(e, cfg.num_kv_heads * hd, bias=bias)
-        self.v_proj = nn.Linear(e, cfg.num_kv_heads * hd, bias=bias)
-        self.o_proj = nn.Linear(cfg.num_heads * hd, e, bias=bias)
+        e, hd = cfg.hidden_size, cfg.head_dim
+        qkv_bias = cfg.attention_bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(e, cfg.num_heads * hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(e, cfg.num_kv_heads * hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(e, cfg.num_kv_heads * hd, bias=qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, e, bias=cfg.attention_bias)
 
     def heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
         """(B, T, n*D) -> (B, n, T, D)."""
@@ -91,6 +122,48 @@ class SelfAttention(nn.Module):
         out, _ = attend(q, k, v, ctx.mask, causal=ctx.causal, kernel=ctx.kernel)  # (B, H, T, D)
         return self.o_proj(self.merge(out))  # (B, T, E)
 
+    def forward_rows(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache | None,
+                     rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of every row, with the chosen rows recomputed explicitly (and, with
+        `rows.extra`, over extra columns too). Returns the output (B, T, E) and the chosen
+        rows' float32 probabilities (B, H, R, C) over `rows.columns` (or every column)."""
+        if ctx.key_valid is None:
+            raise ValueError("forward_rows needs AttnContext.key_valid")
+        q, k, v = self.qkv(x, ctx.rope)  # (B, H, T, D), (B, G, T, D)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, G, Tk, D)
+        key_mask = row_key_mask(rows.index, ctx.key_valid, q.shape[2])  # (B, R, Tk)
+        extra = rows.extra
+        # A decode step whose only row is a chosen row gets its whole output from the
+        # explicit path below (with the gate fully open): the fused pass is skipped.
+        only_rows = q.shape[2] == 1 and bool(rows.valid.all()) and (extra is None or extra.gate == 1.0)
+        out = None if only_rows else attend(q, k, v, ctx.mask, causal=ctx.causal, kernel=ctx.kernel)[0]
+        extra_kv = None if extra is None else (extra.keys, extra.values, extra.mask)
+        rows_out, probs = row_attention(gather_rows(q, rows.index), k, v, key_mask, extra_kv,
+                                        probs_without_extra=rows.probs_without_extra)
+        assert rows_out is not None
+        if out is None:
+            out = rows_out  # T == R == 1
+        elif extra is not None:
+            rows_out = (1 - extra.gate) * gather_rows(out, rows.index) + extra.gate * rows_out
+            out = scatter_rows(out, rows.index, rows.valid, rows_out)
+        if rows.columns is not None:
+            probs = probs.gather(3, rows.columns[:, None, None].expand(-1, probs.shape[1], probs.shape[2], -1))
+        return self.o_proj(self.merge(out)), probs
+
+
+def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, D) -> (B, H, R, D) at row indices (B, R)."""
+    return x.gather(2, rows[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
+
+
+def scatter_rows(x: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D) with its real rows (B, R) replaced by values (B, H, R, D)."""
+    b_idx, r_idx = valid.nonzero(as_tuple=True)  # (K,) each
+    out = x.clone()
+    out[b_idx, :, rows[b_idx, r_idx]] = values[b_idx, :, r_idx]  # (K, H, D)
+    return out
+
 
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
@@ -104,6 +177,13 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache | None = None) -> torch.Tensor:
         return self.feed_forward(self.attention_residual(x, ctx, cache))
+
+    def forward_rows(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache | None,
+                     rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer with chosen rows recomputed explicitly (see `SelfAttention.forward_rows`);
+        returns the new hidden states and those rows' attention probabilities."""
+        attn, probs = self.self_attn.forward_rows(self.input_layernorm(x), ctx, cache, rows)
+        return self.feed_forward(x + attn), probs
 
     def attention_residual(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache | None = None) -> torch.Tensor:
         return x + self.self_attn(self.input_layernorm(x), ctx, cache)

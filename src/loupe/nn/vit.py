@@ -104,6 +104,8 @@ class VisionLayer(nn.Module):
 class VisionTower(nn.Module):
     """CLIP ViT returning the hidden states LLaVA reads (before post-layernorm)."""
 
+    has_class_token = True
+
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -125,6 +127,13 @@ class VisionTower(nn.Module):
             x = layer(x, kernel)
             states[i] = x
         return torch.cat([states[i] for i in wanted], dim=-1)
+
+    def image_features(self, pixels: torch.Tensor, feature_layers: list[int], strategy: str,
+                       kernel: Kernel = "sdpa") -> torch.Tensor:
+        """The features LLaVA projects: (B, N, E*) patch tokens ("default" drops the class
+        token) or (B, 1+N, E*) with it ("full")."""
+        feats = self(pixels, feature_layers, kernel)  # (B, 1+N, E*)
+        return feats[:, 1:] if strategy == "default" else feats
 
 
 class Projector(nn.Module):
