@@ -77,8 +77,9 @@ def evaluate(model: VLM, samples: Sequence[Sample], images: ImageSource, tok: To
     for chunk in tqdm(chunks, desc="eval", unit="batch", disable=not progress, leave=False):
         ids, mask = tok.pad_left([s.ids[: s.prompt_length] for s in chunk])
         reports: list[MethodReport] = []
-        out = generate(model, ids, attention_mask=mask, sampling=sampling, run=run, on_report=reports.append,
-                       **images.model_inputs([s.image for s in chunk]))
+        pics = images.model_inputs([s.image for s in chunk])
+        out = generate(model, ids, pics.pixel_values, mask, sampling=sampling, images=pics.images, run=run,
+                       on_report=reports.append)
         report = reports[0]
         fractions = _per_sample_fraction(report)
         sa_layers = report.sa_layers.tolist() if report.sa_layers is not None else None

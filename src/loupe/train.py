@@ -34,7 +34,7 @@ from loupe.data.llava import Example
 from loupe.errors import LoupeError
 from loupe.files import write_json
 from loupe.images import ImageProcessor, load_image
-from loupe.methods import ImageFeatures, RunOptions, TrainStep
+from loupe.methods import ImageFeatures, ImageInputs, RunOptions, TrainStep
 from loupe.text import IMAGE_PLACEHOLDER, Tokenizer
 from loupe.vlm import VLM
 
@@ -146,9 +146,17 @@ def collate(samples: Sequence[Sample], pad_id: int) -> Batch:
 
 
 # ---- image sources --------------------------------------------------------------------------
+@dataclass
+class ImageBatch:
+    """The images of a batch as `VLM.forward` takes them: pixels, or features already encoded."""
+
+    pixel_values: torch.Tensor | None = None  # (I, 3, S, S)
+    images: ImageInputs | None = None
+
+
 class ImageSource(Protocol):
-    def model_inputs(self, indices: list[int]) -> dict[str, Any]:
-        """Keyword arguments for `VLM.forward` (pixel_values=... or images=...)."""
+    def model_inputs(self, indices: list[int]) -> ImageBatch:
+        """The images `indices` for the model."""
         ...
 
 
@@ -164,8 +172,8 @@ class PixelImages:
     def __init__(self, paths: Sequence[Path], size: int, progress: bool = True) -> None:
         self.pixels = torch.stack(list(_load_pixels(paths, size, progress, "images"))).to(torch.bfloat16)
 
-    def model_inputs(self, indices: list[int]) -> dict[str, Any]:
-        return {"pixel_values": self.pixels[indices].float()}
+    def model_inputs(self, indices: list[int]) -> ImageBatch:
+        return ImageBatch(pixel_values=self.pixels[indices].float())
 
 
 FeatureStore = dict[tuple[Any, ...], ImageFeatures]
@@ -199,9 +207,9 @@ class FeatureImages:
                 hr.append(feats.hr.to(torch.bfloat16).cpu())
         return ImageFeatures(torch.cat(lr), torch.cat(hr) if hr else None)
 
-    def model_inputs(self, indices: list[int]) -> dict[str, Any]:
+    def model_inputs(self, indices: list[int]) -> ImageBatch:
         chosen = self.features.select(indices, self.model.device, self.model.dtype)
-        return {"images": self.model.method.assemble(chosen)}
+        return ImageBatch(images=self.model.method.assemble(chosen))
 
 # ---- the loop -------------------------------------------------------------------------------
 def select_trainable(model: VLM, prefixes: Sequence[str]) -> list[torch.nn.Parameter]:
@@ -241,8 +249,9 @@ def batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
 
 def loss_of(model: VLM, batch: Batch, images: ImageSource, run: RunOptions | None = None) -> torch.Tensor:
     dev = model.device
-    out = model(batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
-                loss_rows=batch.loss_rows.to(dev), run=run, **images.model_inputs(batch.images))
+    pics = images.model_inputs(batch.images)
+    out = model(batch.input_ids.to(dev), pics.pixel_values, batch.attention_mask.to(dev),
+                loss_rows=batch.loss_rows.to(dev), images=pics.images, run=run)
     rows = batch.loss_rows.to(dev)
     return F.cross_entropy(out.logits[rows].float(), batch.targets.to(dev)[rows])  # mean over answer tokens
 

@@ -150,8 +150,9 @@ def score_table(model: VLM, samples: Sequence[Sample], images: ImageSource, batc
     for c, configuration in enumerate(method.configurations):
         for idx in chunks:
             batch = collate([samples[i] for i in idx], pad_id=0)
-            out = model(batch.input_ids.to(model.device), attention_mask=batch.attention_mask.to(model.device),
-                        run=VisorRun(configurations=[configuration]), **images.model_inputs(batch.images))
+            pics = images.model_inputs(batch.images)
+            out = model(batch.input_ids.to(model.device), pics.pixel_values, batch.attention_mask.to(model.device),
+                        images=pics.images, run=VisorRun(configurations=[configuration]))
             logits, rows = out.logits.float().cpu(), batch.loss_rows
             if score == "exact":
                 table[idx, c] = ((logits.argmax(-1) == batch.targets) | ~rows).all(-1).float()
@@ -229,9 +230,10 @@ def routing_states(model: VLM, samples: Sequence[Sample], images: ImageSource, b
         chunk = samples[start:start + batch_size]
         prompts = [Sample(s.ids[: s.prompt_length], [False] * s.prompt_length, s.image) for s in chunk]
         batch = collate(prompts, pad_id=0)
+        pics = images.model_inputs(batch.images)
         states.append(method.routing_states(model, input_ids=batch.input_ids.to(model.device),
                                             attention_mask=batch.attention_mask.to(model.device),
-                                            **images.model_inputs(batch.images)).float().cpu())
+                                            pixel_values=pics.pixel_values, images=pics.images).float().cpu())
     return torch.cat(states)
 
 
