@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import pixels, prompt_ids
@@ -97,7 +98,9 @@ def write_release(model: loupe.VLM, llm: Path, clip: Path) -> None:
 def test_release_layout_gives_the_same_logits(hf_tiny, tmp_path: Path) -> None:
     _, path = hf_tiny
     converted = tmp_path / "converted"
-    assert main(["convert", str(path), str(converted), "--method", "flexattn", "-o", "pool=4"]) == 0
+    # The released layout is the official path: raw HR features, no norm on Z.
+    assert main(["convert", str(path), str(converted), "--method", "flexattn", "-o", "pool=4", "-o",
+                 "hr_norm=none"]) == 0
     model = loupe.from_pretrained(converted)
     with torch.no_grad():  # distinct HR projections, so a mix-up of k_proj_hd / v_proj_hd would show
         for p in model.method.parameters():
@@ -121,3 +124,22 @@ def test_convert_bad_option_is_one_clear_line(tiny: Path, tmp_path: Path, capsys
     assert main(["convert", str(tiny), str(tmp_path / "y"), "--method", "hd", "-o", "nosuch=1"]) == 2
     assert "has no option(s) ['nosuch']" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_generate_overlay_draws_where_flexattention_looked(tiny: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    dst = tmp_path / "flex"
+    assert main(["convert", str(tiny), str(dst), "--method", "flexattn", *OPTIONS["flexattn"]]) == 0
+    image = tmp_path / "img.png"
+    Image.new("RGB", (150, 90), (30, 60, 90)).save(image)
+    missing = tmp_path / "no" / "such" / "folder" / "look.png"
+    assert main(["generate", "--model", str(dst), "--image", str(image), "--prompt", "What?", "--overlay",
+                 str(missing)]) == 2
+    assert f"its folder {missing.parent} does not exist" in capsys.readouterr().err
+    out = tmp_path / "look.png"
+    assert main(["generate", "--model", str(dst), "--image", str(image), "--prompt", "What?", "--max-new-tokens",
+                 "3", "--overlay", str(out)]) == 0
+    assert "where it looked" in capsys.readouterr().out
+    drawn = np.asarray(Image.open(out).convert("RGB")).astype(int)  # (H, W, 3)
+    cyan = (drawn[..., 1] - drawn[..., 0] > 60) & (drawn[..., 2] - drawn[..., 0] > 60)
+    assert cyan.sum() > 100  # the selected HR tokens are drawn over the image

@@ -159,9 +159,9 @@ def test_reproduce_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["reproduce", "--quick", "--out", str(out)]) == 0
     report = json.loads((out / "results.json").read_text())
     labels = [r["label"] for r in report["runs"]]
-    assert labels[:8] == ["lowres", "hd", "xattn", "flexattn", "flexattn-random", "flexattn-center", "flexattn@2x",
-                          "flexattn@4x"]
-    assert labels[8] == "visor [SA none]" and labels[10] == "visor [SA 1,3]" and labels[11:] == ["visor-router",
+    assert labels[:9] == ["lowres", "hd", "xattn", "flexattn", "flexattn-oracle", "flexattn-random",
+                          "flexattn-center", "flexattn@2x", "flexattn@4x"]
+    assert labels[9] == "visor [SA none]" and labels[11] == "visor [SA 1,3]" and labels[12:] == ["visor-router",
                                                                                                  "visor-router-all"]
     visor = [r for r in report["runs"] if r["label"].startswith("visor [")]
     assert [r["accuracy"]["sa_layers"] for r in visor] == [0, 1, 2]
@@ -172,7 +172,13 @@ def test_reproduce_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert by["flexattn"]["gflops"] < by["hd"]["gflops"] and by["flexattn@2x"]["gflops"] < by["flexattn@4x"]["gflops"]
     assert 0 < by["flexattn"]["accuracy"]["selected_fraction"] <= 1
     assert by["hd"]["accuracy"]["selected_fraction"] is None
-    assert len(report["claims"]) == 10 and (out / "results.png").stat().st_size > 1000
+    assert len(report["claims"]) == 12 and (out / "results.png").stat().st_size > 1000
+    assert by["flexattn-oracle"]["accuracy"]["tag_hit"] == 100.0  # the oracle holds every named tag
+    assert by["flexattn"]["accuracy"]["tag_hit"] is not None and by["lowres"]["accuracy"]["tag_hit"] is None
+    looks = json.loads((out / "overlays" / "looks.json").read_text())
+    assert list(looks) == ["flexattn", "flexattn-oracle", "flexattn-random", "flexattn-center"]
+    assert all(len(v) == 4 and v[0]["selected"] for v in looks.values())
+    assert (out / "overlays" / "selection.png").stat().st_size > 10_000
     assert "| flexattn-center |" in (out / "results.md").read_text() and "| flexattn |" in capsys.readouterr().out
     assert main(["reproduce", "--quick", "--out", str(out)]) == 2
     assert "already holds results" in capsys.readouterr().err
@@ -229,3 +235,28 @@ def test_cli_visor_universal_training_router_and_generation(synth: Path, tiny_ba
     assert main(["router", "train", "--model", str(model), "--data", str(synth / "val.json"), "--labels",
                  str(labels), "--out", str(tmp_path / "router2")]) == 2
     assert "not the data's" in capsys.readouterr().err and not (tmp_path / "router2").exists()
+
+
+@torch.no_grad()
+def test_oracle_selection_hits_every_tag_and_evaluation_reports_it(synth: Path, tiny_base: Path) -> None:
+    """Through `evaluate`: the oracle (FlexRun with the data's tag boxes) selects every hard
+    question's tag (tag-hit 100% at each layer); random selection at the same budget does not."""
+    from loupe.evaluate import evaluate, tag_boxes
+    from loupe.methods.flexattn import FlexRun
+    from loupe.train import FeatureImages
+
+    tok = loupe.Tokenizer.from_folder(tiny_base, 4)
+    examples = read_llava(synth / "test.json")
+    results = {}
+    for strategy in ("attnmap", "random"):
+        model = loupe.from_pretrained(tiny_base, "flexattn", dtype=torch.float32, hr_size=192, first_layer=2, pool=4,
+                                      strategy=strategy, ablation_ratio=0.2)
+        samples, paths = tokenize(examples, tok, model.method.tokens_per_image())
+        images = FeatureImages(model, paths, progress=False)
+        run = (lambda batch: FlexRun(boxes=tag_boxes(batch), ratio=0.2)) if strategy == "attnmap" else None
+        results[strategy] = evaluate(model, samples, images, tok, progress=False, run=run).summary()
+    oracle, chance = results["attnmap"], results["random"]
+    assert oracle["tag_hit"] == 100.0 and set(oracle["tag_hit_by_layer"]) == {"2", "3"}
+    assert all(v == 100.0 for v in oracle["tag_hit_by_layer"].values())
+    assert chance["tag_hit"] < 60.0  # 4 of 16 blocks at random rarely hold a given tag
+    assert oracle["selected_fraction"] == pytest.approx(4 / 16)  # the budget: ceil(0.2 x 16) blocks

@@ -70,6 +70,9 @@ def reference_flex(model: loupe.VLM, ids: torch.Tensor, px: torch.Tensor) -> tor
         if i >= method.first:
             keep = torch.nonzero(sel)[:, 0]  # selected HR tokens of the last row
             zs = z[keep]
+            if method.options.hr_norm == "layer":  # RMSNorm on Z with the layer's own (trained) scale
+                norm = method.layers[str(i)].norm
+                zs = norm.weight * (zs * torch.rsqrt(zs.pow(2).mean(-1, keepdim=True) + norm.eps))
             kh = method.layers[str(i)].k_proj(zs).view(len(keep), -1, a.head_dim).transpose(0, 1)
             vh = method.layers[str(i)].v_proj(zs).view(len(keep), -1, a.head_dim).transpose(0, 1)
             kh = kh * hr_cos[keep] + rotate_half(kh) * hr_sin[keep]
@@ -86,8 +89,9 @@ def reference_flex(model: loupe.VLM, ids: torch.Tensor, px: torch.Tensor) -> tor
     return dec.logits(x)[:, -1]
 
 
-def test_hierarchical_attention_equals_independent_reference(base_path: Path) -> None:
-    model = flex(base_path)
+@pytest.mark.parametrize("hr_norm", ["layer", "none"])
+def test_hierarchical_attention_equals_independent_reference(base_path: Path, hr_norm: str) -> None:
+    model = flex(base_path, hr_norm=hr_norm)
     ids, px = prompt_ids(10, 16, seed=1), pixels(1, seed=1, size=HR)
     with torch.no_grad():
         out = model(ids, px)
@@ -269,3 +273,112 @@ def test_bad_method_options(base_path: Path, method: str, opts: dict, match: str
     full = {**FLEX, **opts} if method == "flexattn" else opts  # pool=4 fits the tiny 4x4 grid
     with pytest.raises(loupe.ConfigError, match=match):
         loupe.from_pretrained(base_path, method, **full)
+
+
+# ---- the scale of HR keys (DESIGN.md section 2, "Scale") ------------------------------------------
+def answer_kl(cfg: loupe.VLMConfig, scale: float, first: int, hr_norm: str, seed: int = 0) -> float:
+    """KL (nats) between a freshly converted FlexAttention model's answer distribution with the
+    gate fully open and the base model's, when the projector output has RMS ~`scale` (the
+    built-in benchmark's base: ~21). HR features: the LR content at 3x, with noise."""
+    from loupe.tiny import init_random_
+    from loupe.vlm import VLM
+    torch.manual_seed(seed)
+    base = init_random_(VLM(cfg), std=0.02).eval()
+    with torch.device("meta"):
+        flex = VLM(cfg, loupe.method_options("flexattn", hr_size=3 * cfg.vision.image_size, first_layer=first,
+                                             pool=min(9, cfg.vision.grid), budget=0.1, hr_norm=hr_norm))
+    flex.vision_tower, flex.projector, flex.decoder = base.vision_tower, base.projector, base.decoder
+    flex.method.to_empty(device="cpu")
+    flex.method.init_from_base(flex)
+    flex.method.init_buffers()
+    g, w = cfg.vision.grid, cfg.text.hidden_size
+    gen = torch.Generator().manual_seed(seed)
+    lr = torch.randn(1, g * g, w, generator=gen) * scale  # (1, N, W)
+    hr = lr.view(1, g, g, w).repeat_interleave(3, 1).repeat_interleave(3, 2).reshape(1, 9 * g * g, w)
+    hr = hr + 0.3 * scale * torch.randn(hr.shape, generator=gen)  # (1, M, W)
+    ids = torch.cat([torch.tensor([[5, 6]]), torch.full((1, g * g), cfg.image_token_id),
+                     torch.randint(5, 400, (1, 24), generator=gen)], 1)
+    with torch.no_grad():
+        plain = F.log_softmax(base(ids, images=ImageInputs(lr)).logits[:, -1].float(), -1)
+        seen = F.log_softmax(flex.eval()(ids, images=ImageInputs(lr, hr=hr)).logits[:, -1].float(), -1)
+    return float((plain.exp() * (plain - seen)).sum())
+
+
+@pytest.mark.parametrize("shapes", ["tiny", "llava-7b-layers"])
+def test_normed_hr_keys_leave_a_converted_model_s_answers_nearly_unchanged(shapes: str) -> None:
+    """With the gate fully open on a freshly converted model, normed HR features move the answer
+    distribution little; the official raw path, at the projector's real scale, moves it a lot."""
+    vision = dict(hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4, patch_size=14)
+    if shapes == "tiny":
+        cfg = loupe.VLMConfig(vision=loupe.VisionConfig(image_size=56, **vision),
+                              text=loupe.TextConfig(vocab_size=512, hidden_size=128, intermediate_size=384,
+                                                    num_layers=4, num_heads=4, num_kv_heads=2,
+                                                    max_position_embeddings=2048), image_token_id=4)
+        first = 2
+    else:  # LLaVA-7B's decoder layer (width 4096, 32 heads, FFN 11008), 2 layers, an 8 x 8 LR grid
+        cfg = loupe.VLMConfig(vision=loupe.VisionConfig(image_size=112, **vision),
+                              text=loupe.TextConfig(vocab_size=512, hidden_size=4096, intermediate_size=11008,
+                                                    num_layers=2, num_heads=32, num_kv_heads=32,
+                                                    max_position_embeddings=4096), image_token_id=4)
+        first = 1
+    normed, raw = (answer_kl(cfg, 21.0, first, norm) for norm in ("layer", "none"))
+    assert normed < 0.05, f"normed HR keys moved the answers by KL {normed:.4f}"  # measured: 0.006, 0.027
+    assert raw > 3 * normed, f"raw {raw:.4f} vs normed {normed:.4f}: the test no longer separates them"
+
+
+def test_hr_projections_copy_the_base_bias_and_norm() -> None:
+    """W'_K, W'_V start as the layer's W_K, W_V with their biases where the base has q/k/v bias
+    (Qwen2); the norm on Z as the layer's input norm."""
+    from loupe.tiny import init_random_, tiny_config
+    from loupe.vlm import VLM
+    cfg = tiny_config(layers=3)
+    cfg = loupe.VLMConfig(vision=cfg.vision, text=loupe.TextConfig(**{**cfg.text.__dict__, "qkv_bias": True}),
+                          image_token_id=cfg.image_token_id)
+    model = init_random_(VLM(cfg, loupe.method_options("flexattn", hr_size=168, pool=4, first_layer=1)), std=0.5)
+    model.method.init_from_base(model)
+    for key, proj in model.method.layers.items():
+        layer = model.decoder.layers[int(key)]
+        assert proj.k_proj.bias is not None and torch.equal(proj.k_proj.bias, layer.self_attn.k_proj.bias)
+        assert torch.equal(proj.v_proj.bias, layer.self_attn.v_proj.bias)
+        assert torch.equal(proj.k_proj.weight, layer.self_attn.k_proj.weight)
+        assert torch.equal(proj.norm.weight, layer.input_layernorm.weight)
+
+
+def test_selection_scores_are_float32_in_a_bf16_model() -> None:
+    from loupe.nn.attention import row_attention
+    gen = torch.Generator().manual_seed(0)
+    q = (torch.randn(1, 4, 1, 64, generator=gen) * 3).bfloat16()  # (B, H, R, D)
+    k = (torch.randn(1, 2, 4096, 64, generator=gen) * 3).bfloat16()  # (B, G, Tk, D)
+    mask = torch.ones(1, 1, 4096, dtype=torch.bool)
+    _, probs = row_attention(q, k, None, mask)
+    assert probs.dtype == torch.float32
+    kk = k.float().repeat_interleave(2, 1)
+    exact = torch.softmax(q.float() @ kk.transpose(-1, -2) / 8, -1)
+    in_bf16 = torch.softmax((q @ k.repeat_interleave(2, 1).transpose(-1, -2)).float() / 8, -1)
+    torch.testing.assert_close(probs, exact, rtol=1e-5, atol=1e-7)
+    assert (in_bf16 - exact).abs().max() > 10 * (probs - exact).abs().max()  # bf16 scores would decide by rounding
+
+
+@torch.no_grad()
+def test_the_padding_margin_is_zeroed_in_training_and_evaluation(base_path: Path, tmp_path: Path) -> None:
+    """Image sizes travel through the image sources `loupe.train` and `loupe.evaluate` read: a wide image's
+    square-padding rows are never selected (threshold 0 selects every other cell)."""
+    from PIL import Image
+
+    from loupe.train import FeatureImages, PixelImages
+    model = flex(base_path, threshold=0.0)
+    path = tmp_path / "wide.png"
+    noise = torch.rand(60, 120, 3, generator=torch.Generator().manual_seed(0))  # (H, W, 3): twice as wide as high
+    Image.fromarray((noise * 255).byte().numpy()).save(path)
+    ids = prompt_ids(10, 16, seed=3)
+
+    def hr_rows_selected(**inputs) -> torch.Tensor:
+        sel = model(ids, **inputs).report.selection[3][0, 0].view(12, 12)  # (G, G) of the last row
+        return sel.any(1)  # per HR row of the grid
+
+    for source in (FeatureImages(model, [path], progress=False), PixelImages([path], HR, progress=False)):
+        pics = source.model_inputs([0])
+        rows = hr_rows_selected(pixel_values=pics.pixel_values, image_sizes=pics.image_sizes, images=pics.images)
+        assert not rows[:3].any() and not rows[-3:].any() and rows[3:-3].any()  # k = 1 LR row = 3 HR rows each side
+    pics = PixelImages([path], HR, progress=False).model_inputs([0])
+    assert hr_rows_selected(pixel_values=pics.pixel_values)[:3].any()  # without the sizes the margin is selectable

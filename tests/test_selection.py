@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from loupe.methods import selection as S
@@ -83,3 +84,31 @@ def test_random_and_center_strategies() -> None:
     assert 0.08 < frac < 0.13 and rnd.any(1).all()
     center = hr_mask(one_hot_map([(0, 0)]), strategy="center").view(HR, HR)
     assert center.sum() == 9 * 64 and center[24:48, 24:48].all()  # central 3x3 blocks, attention ignored
+
+
+# ---- oracle selection and tag hits (measuring selection directly) ------------------------------
+def test_box_cover_and_tag_tokens_on_hand_made_boxes() -> None:
+    boxes = torch.tensor([[0.25, 0.5, 0.5, 0.75],  # exactly cell (row 2, col 1) of a 4 x 4 grid
+                          [0.30, 0.10, 0.35, 0.15]])  # smaller than a cell: the one it covers most
+    cover = S.box_cover(boxes, 4)
+    assert torch.allclose(cover[0], torch.zeros(4, 4).index_put_((torch.tensor([2]), torch.tensor([1])),
+                                                                   torch.tensor([1.0])))
+    assert float(cover[1].sum()) == pytest.approx(0.05 * 0.05 * 16)
+    tags = S.tag_tokens(boxes, 4).view(2, 4, 4)
+    assert tags[0].nonzero().tolist() == [[2, 1]] and tags[1].nonzero().tolist() == [[0, 1]]
+    selected = torch.zeros(2, 16, dtype=torch.bool)
+    selected[0, 2 * 4 + 1] = True
+    assert S.tag_hits(selected, boxes, 4).tolist() == [True, False]
+
+
+def test_oracle_blocks_take_the_tag_first_then_the_nearest_at_the_budget() -> None:
+    box = torch.tensor([[0.30, 0.30, 0.45, 0.45]])  # inside block (1, 1) of a 3 x 3 pool
+    one = S.oracle_blocks(box, 3, ratio=0.1)  # ceil(0.9) = 1 block
+    assert one[0].nonzero().tolist() == [[1, 1]]
+    four = S.oracle_blocks(torch.tensor([[0.30, 0.30, 0.40, 0.40]]), 3, ratio=0.4)  # ceil(3.6) = 4 blocks
+    assert four.sum() == 4 and bool(four[0, 1, 1])
+    whole = S.oracle_blocks(torch.tensor([[0.0, 0.0, 1.0, 1.0]]), 3, ratio=0.1)  # no tag: the central block
+    assert whole[0].nonzero().tolist() == [[1, 1]]
+    masks = S.select(torch.rand(1, 6, 6), torch.ones(1, 6, 6, dtype=torch.bool), hr_grid=12, pool=3, threshold=48,
+                     strategy="oracle", budget=None, ablation_ratio=0.1, boxes=box)
+    assert masks.view(12, 12)[4:8, 4:8].all() and masks.sum() == 16  # one block = 4 x 4 HR tokens

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from loupe.config import VLMConfig
 from loupe.errors import CheckpointError, preview
 from loupe.files import folder_atomic
-from loupe.methods import MethodConfig, method_options
+from loupe.methods import MethodConfig, method_options, saved_method_options
 from loupe.vlm import VLM
 
 # Any layout in the wild -> the published llava-hf layout. Applied in order.
@@ -118,7 +118,7 @@ def read_config(folder: Path) -> tuple[VLMConfig, MethodConfig | None]:
     if loupe_file.exists():
         d = json.loads(loupe_file.read_text())
         method = dict(d["method"])
-        return VLMConfig.from_dict(d["model"]), method_options(method.pop("name"), **method)
+        return VLMConfig.from_dict(d["model"]), saved_method_options(method.pop("name"), **method)
     if not hf_file.exists():
         raise CheckpointError(f"{folder} has no config.json")
     try:

@@ -18,7 +18,7 @@ from loupe.errors import LoupeError
 from loupe.files import write_json
 from loupe.flops import Workload
 from loupe.generation import SamplingConfig, answer, stream_printer
-from loupe.methods import METHODS, RunOptions, parse_method
+from loupe.methods import METHODS, MethodReport, RunOptions, parse_method
 from loupe.text import Tokenizer
 from loupe.vlm import VLM
 
@@ -61,6 +61,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--prompt", required=True, help="question; the LLaVA-1.5 template is applied")
     p.add_argument("--router", default=None, help="visor: route with this trained router (loupe router train)")
+    p.add_argument("--overlay", default=None, metavar="OUT.png",
+                   help="also draw where the model looked (attention, selected HR blocks, answer) to this PNG")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -131,13 +133,23 @@ def _load(args: argparse.Namespace) -> VLM:
 
 
 def run_generation(model: VLM, tok: Tokenizer, image_path: str, prompt: str, sampling: SamplingConfig,
-                   run: RunOptions | None = None) -> str:
-    text = answer(model, tok, image_path, prompt, sampling, run, on_token=stream_printer(tok))
+                   run: RunOptions | None = None, overlay: str | None = None) -> str:
+    reports: list[MethodReport] = []
+    text = answer(model, tok, image_path, prompt, sampling, run, on_token=stream_printer(tok),
+                  on_report=reports.append)
     print()
+    if overlay:
+        from loupe import viz
+        attention, selected = viz.from_report(reports[0])
+        seen = viz.Look(image_path, prompt, text, model.method.name, attention, selected)
+        print(f"where it looked: {viz.draw([[seen]], overlay)}")
     return text
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.overlay:
+        from loupe.viz import check_output
+        check_output(args.overlay)  # before any work
     model = _load(args)
     run = None
     if args.router:
@@ -146,7 +158,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tok = Tokenizer.from_folder(args.model, model.cfg.image_token_id)
     stops = [tok.eos_id] if tok.eos_id is not None else model.cfg.text.eos_token_ids
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, stops, args.seed)
-    run_generation(model, tok, args.image, args.prompt, sampling, run)
+    run_generation(model, tok, args.image, args.prompt, sampling, run, args.overlay)
     return 0
 
 

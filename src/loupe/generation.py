@@ -108,15 +108,17 @@ def generate(
 
 
 def answer(model: VLM, tok: Tokenizer, image: str | os.PathLike[str], question: str, sampling: SamplingConfig,
-           run: RunOptions | None = None, on_token: Callable[[torch.Tensor], None] | None = None) -> str:
+           run: RunOptions | None = None, on_token: Callable[[torch.Tensor], None] | None = None,
+           on_report: Callable[[MethodReport], None] | None = None) -> str:
     """The answer to `question` about the image file `image`, in the LLaVA-1.5 template (the
     image's original size passed along, so that methods zero its square-padding margin)."""
     picture = load_image(image)
     pixels = ImageProcessor(size=model.method.image_size()).batch([picture])
     ids, mask = tok.pad_left([tok.encode(llava_prompt(question), model.method.tokens_per_image())])
     sizes = torch.tensor([[picture.height, picture.width]])
-    out = generate(model, ids, pixels, mask, sampling, on_token=on_token, image_sizes=sizes, run=run)
-    return tok.decode(out[0].tolist())
+    out = generate(model, ids, pixels, mask, sampling, on_token=on_token, image_sizes=sizes, run=run,
+                   on_report=on_report)
+    return tok.decode([t for t in out[0].tolist() if t not in sampling.stop_tokens])
 
 
 def stream_printer(tok: Tokenizer) -> Callable[[torch.Tensor], None]:

@@ -81,7 +81,7 @@ def from_flexattention_release(llm_dir: str | os.PathLike[str], clip_dir: str | 
             raise CheckpointError(f"{folder} has no config.json")
         configs.append(json.loads((folder / "config.json").read_text()))
     cfg = release_config(*configs)
-    method = method_options("flexattn", **options)
+    method = method_options("flexattn", **{"hr_norm": "none", **options})  # trained on raw HR features
     first = method.resolved_first_layer(cfg)  # type: ignore[attr-defined]
 
     def named() -> Iterator[tuple[str | None, torch.Tensor]]:

@@ -152,6 +152,7 @@ class ImageBatch:
 
     pixel_values: torch.Tensor | None = None  # (I, 3, S, S)
     images: ImageInputs | None = None
+    image_sizes: torch.Tensor | None = None  # (I, 2) original (height, width), with pixel_values
 
 
 class ImageSource(Protocol):
@@ -160,20 +161,25 @@ class ImageSource(Protocol):
         ...
 
 
-def _load_pixels(paths: Sequence[Path], size: int, progress: bool, desc: str) -> Iterator[torch.Tensor]:
+def _load_pixels(paths: Sequence[Path], size: int, progress: bool,
+                 desc: str) -> Iterator[tuple[torch.Tensor, tuple[int, int]]]:
+    """Preprocessed pixels (3, S, S) of each image, and its original (height, width)."""
     processor = ImageProcessor(size=size)
     for path in tqdm(paths, desc=desc, unit="img", disable=not progress, leave=False):
-        yield processor(load_image(path))
+        image = load_image(path)
+        yield processor(image), (image.height, image.width)
 
 
 class PixelImages:
     """Preprocessed pixels of every image, kept in memory (bf16); the encoder runs each step."""
 
     def __init__(self, paths: Sequence[Path], size: int, progress: bool = True) -> None:
-        self.pixels = torch.stack(list(_load_pixels(paths, size, progress, "images"))).to(torch.bfloat16)
+        loaded = list(_load_pixels(paths, size, progress, "images"))
+        self.pixels = torch.stack([px for px, _ in loaded]).to(torch.bfloat16)  # (I, 3, S, S)
+        self.sizes = torch.tensor([hw for _, hw in loaded], dtype=torch.long).view(-1, 2)  # (I, 2)
 
     def model_inputs(self, indices: list[int]) -> ImageBatch:
-        return ImageBatch(pixel_values=self.pixels[indices].float())
+        return ImageBatch(pixel_values=self.pixels[indices].float(), image_sizes=self.sizes[indices])
 
 
 FeatureStore = dict[tuple[Any, ...], ImageFeatures]
@@ -198,18 +204,21 @@ class FeatureImages:
         size, method = self.model.method.image_size(), self.model.method
         lr: list[torch.Tensor] = []
         hr: list[torch.Tensor] = []
+        sizes: list[tuple[int, int]] = []
         pixels = _load_pixels(paths, size, progress, f"features@{size}")
         while chunk := [p for _, p in zip(range(batch_size), pixels, strict=False)]:
-            px = torch.stack(chunk).to(self.model.device, self.model.dtype)
+            px = torch.stack([p for p, _ in chunk]).to(self.model.device, self.model.dtype)
+            sizes += [hw for _, hw in chunk]
             feats = method.features(self.model, px)
             lr.append(feats.lr.to(torch.bfloat16).cpu())
             if feats.hr is not None:
                 hr.append(feats.hr.to(torch.bfloat16).cpu())
-        return ImageFeatures(torch.cat(lr), torch.cat(hr) if hr else None)
+        return ImageFeatures(torch.cat(lr), torch.cat(hr) if hr else None,
+                             torch.tensor(sizes, dtype=torch.long).view(-1, 2))
 
     def model_inputs(self, indices: list[int]) -> ImageBatch:
         chosen = self.features.select(indices, self.model.device, self.model.dtype)
-        return ImageBatch(images=self.model.method.assemble(chosen))
+        return ImageBatch(images=self.model.method.assemble(chosen, chosen.image_sizes))
 
 # ---- the loop -------------------------------------------------------------------------------
 def select_trainable(model: VLM, prefixes: Sequence[str]) -> list[torch.nn.Parameter]:
@@ -251,7 +260,7 @@ def loss_of(model: VLM, batch: Batch, images: ImageSource, run: RunOptions | Non
     dev = model.device
     pics = images.model_inputs(batch.images)
     out = model(batch.input_ids.to(dev), pics.pixel_values, batch.attention_mask.to(dev),
-                loss_rows=batch.loss_rows.to(dev), images=pics.images, run=run)
+                loss_rows=batch.loss_rows.to(dev), image_sizes=pics.image_sizes, images=pics.images, run=run)
     rows = batch.loss_rows.to(dev)
     return F.cross_entropy(out.logits[rows].float(), batch.targets.to(dev)[rows])  # mean over answer tokens
 

@@ -152,7 +152,8 @@ def score_table(model: VLM, samples: Sequence[Sample], images: ImageSource, batc
             batch = collate([samples[i] for i in idx], pad_id=0)
             pics = images.model_inputs(batch.images)
             out = model(batch.input_ids.to(model.device), pics.pixel_values, batch.attention_mask.to(model.device),
-                        images=pics.images, run=VisorRun(configurations=[configuration]))
+                        image_sizes=pics.image_sizes, images=pics.images,
+                        run=VisorRun(configurations=[configuration]))
             logits, rows = out.logits.float().cpu(), batch.loss_rows
             if score == "exact":
                 table[idx, c] = ((logits.argmax(-1) == batch.targets) | ~rows).all(-1).float()
@@ -233,7 +234,8 @@ def routing_states(model: VLM, samples: Sequence[Sample], images: ImageSource, b
         pics = images.model_inputs(batch.images)
         states.append(method.routing_states(model, input_ids=batch.input_ids.to(model.device),
                                             attention_mask=batch.attention_mask.to(model.device),
-                                            pixel_values=pics.pixel_values, images=pics.images).float().cpu())
+                                            pixel_values=pics.pixel_values, image_sizes=pics.image_sizes,
+                                            images=pics.images).float().cpu())
     return torch.cat(states)
 
 

@@ -174,12 +174,21 @@ def _size_class(o: Obj, image_side: int) -> str:
     return "small" if o.area() / image_side**2 < SMALL_AREA else "large"
 
 
+def tag_box(o: Obj, side: int, tag: int) -> list[float]:
+    """The object's tag as [left, top, right, bottom], fractions of the (square) image side."""
+    cx, cy = tag_centre(o)
+    left, top = cx - tag // 2, cy - tag // 2
+    return [round(v / side, 5) for v in (left, top, left + tag, top + tag)]
+
+
 def _question(rng: random.Random, text: str, answer: str, options: list[str], kind: str, subtype: str,
-              obj: Obj | None, side: int, mc: bool) -> dict[str, Any]:
+              obj: Obj | None, side: int, mc: bool, tag: int | None) -> dict[str, Any]:
     meta: dict[str, Any] = {"kind": kind, "type": subtype, "format": "mc" if mc else "short",
                             "answer_text": answer, "size": _size_class(obj, side) if obj else "scene"}
     if obj is not None:
         meta["area_fraction"] = round(obj.area() / side**2, 4)
+        if tag is not None:  # where the named object's tag is in the image (oracle selection, tag hits)
+            meta["tag_box"] = tag_box(obj, side, tag)
     if mc:
         choices = rng.sample([o for o in options if o != answer], 3) + [answer]
         rng.shuffle(choices)
@@ -193,30 +202,32 @@ def _question(rng: random.Random, text: str, answer: str, options: list[str], ki
     return {"question": text, "answer": answer, "meta": meta}
 
 
-def scene_questions(rng: random.Random, scene: Scene, hard_per_object: int = 1) -> list[dict[str, Any]]:
-    """One hard and one easy question per named object, plus a count question."""
+def scene_questions(rng: random.Random, scene: Scene, hard_per_object: int = 1,
+                    tag: int = 16) -> list[dict[str, Any]]:
+    """One hard and one easy question per named object, plus a count question; `tag`: the
+    tags' side at the master size (for the tag boxes in the metadata)."""
     side, out = scene.size, []
     shapes = [o.shape for o in scene.objects]
     for o in scene.objects:
         for _ in range(hard_per_object):
             out.append(_question(rng, f"What pattern is on the {_name(o)}?", o.pattern, list(PATTERNS), "hard",
-                                 "pattern", o, side, rng.random() < 0.5))
+                                 "pattern", o, side, rng.random() < 0.5, tag))
         kinds = ["colour", "shape"] + (["position"] if abs(o.x - side / 2) > side / 8 else [])
         kind = rng.choice(kinds)
         mc = rng.random() < 0.5
         if kind == "colour" and shapes.count(o.shape) == 1:
             out.append(_question(rng, f"What colour is the {o.shape}?", o.colour, list(COLOURS), "easy", "colour",
-                                 o, side, mc))
+                                 o, side, mc, tag))
         elif kind in ("colour", "shape"):
             out.append(_question(rng, f"What shape is the {o.colour} object?", o.shape, [*SHAPES, "star"], "easy",
-                                 "shape", o, side, mc))
+                                 "shape", o, side, mc, tag))
         else:
             where = "left" if o.x < side / 2 else "right"
             out.append(_question(rng, f"Is the {_name(o)} on the left or on the right?", where,
-                                 ["left", "right", "top", "bottom"], "easy", "position", o, side, mc))
+                                 ["left", "right", "top", "bottom"], "easy", "position", o, side, mc, tag))
     n = len(scene.objects)
     out.append(_question(rng, "How many coloured shapes are there?", COUNT_WORDS[n], list(COUNT_WORDS.values()),
-                         "easy", "count", None, side, rng.random() < 0.5))
+                         "easy", "count", None, side, rng.random() < 0.5, tag))
     return out
 
 
@@ -277,7 +288,7 @@ def write_dataset(out: str | Path, n: int, seed: int = 0, cfg: SynthConfig | Non
             image = render(scene, cfg)
             name = f"{split}_{i:05d}"
             image.save(images / f"{name}.png")
-            questions = scene_questions(rng, scene)
+            questions = scene_questions(rng, scene, tag=cfg.tag)
             if split == "train":  # one multi-turn conversation per image, as LLaVA's instruction data
                 rng.shuffle(questions)
                 rows.append(conversation_record(name, f"images/{name}.png", questions))
@@ -301,7 +312,8 @@ def _crop_rows(rng: random.Random, image: Image.Image, scene: Scene, cfg: SynthC
         crop_name = f"{name}_crop{k}"
         crop_around(rng, image, o, cfg).save(images / f"{crop_name}.png")
         text = f"What pattern is on the {_name(o)}?"
-        qs = [_question(rng, text, o.pattern, list(PATTERNS), "hard", "pattern", o, scene.size, mc) for mc in (0, 1)]
+        qs = [_question(rng, text, o.pattern, list(PATTERNS), "hard", "pattern", o, scene.size, mc, None)
+              for mc in (0, 1)]  # a crop's questions carry no tag box: it is not where the scene's tag is
         rows.append(conversation_record(f"{crop_name}", f"images/{crop_name}.png", qs, scene=name, crop=True))
     return rows
 

@@ -18,8 +18,9 @@ from loupe.methods.base import (
     method_label,
     method_options,
     parse_method,
+    saved_method_options,
 )
 
 __all__ = ["METHODS", "ImageFeatures", "ImageInputs", "Method", "MethodConfig", "MethodReport", "RunOptions", "Step",
            "TrainDraw", "TrainStep", "build_method", "cached_state", "keep_state", "method_label", "method_options",
-           "parse_method"]
+           "parse_method", "saved_method_options"]

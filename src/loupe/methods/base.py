@@ -56,6 +56,9 @@ class MethodConfig:
     `dataclasses.replace` makes another set."""
 
     name: ClassVar[str] = "base"
+    # Values for fields a checkpoint's saved options lack (it was written before they existed)
+    # where the behaviour it was trained with differs from the field's default.
+    saved_defaults: ClassVar[dict[str, object]] = {}
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, **dataclasses.asdict(self)}
@@ -75,9 +78,12 @@ class ImageFeatures:
 
     lr: torch.Tensor  # (I, N, W) native-resolution tokens
     hr: torch.Tensor | None = None  # (I, M, W) high-resolution tokens (HR methods)
+    image_sizes: torch.Tensor | None = None  # (I, 2) original (height, width) of each image
 
     def select(self, index: list[int], device: torch.device, dtype: torch.dtype) -> ImageFeatures:
-        return ImageFeatures(*(None if t is None else t[index].to(device, dtype) for t in (self.lr, self.hr)))
+        hr = None if self.hr is None else self.hr[index].to(device, dtype)
+        sizes = None if self.image_sizes is None else self.image_sizes[index].to(device)
+        return ImageFeatures(self.lr[index].to(device, dtype), hr, sizes)
 
 
 @dataclass
@@ -104,6 +110,16 @@ class MethodReport:
     projected_fraction: float | None = None  # HR tokens projected in this call / (HR tokens x HR layers)
     sa_layers: torch.Tensor | None = None  # (B,) layers in which the sample's visual tokens ran (VISOR)
     route: torch.Tensor | None = None  # (B,) the configuration a router chose per sample
+
+    def answer_selection(self) -> dict[int, torch.Tensor]:
+        """Per layer, the HR tokens (B, M) the answer row (the last row) selected; {} for
+        methods that select none."""
+        return {}
+
+    def answer_attention(self) -> dict[int, torch.Tensor]:
+        """Per layer, the answer row's attention (B, N) over the LR image tokens, where the
+        method computes it explicitly (FlexAttention's selection source); {} otherwise."""
+        return {}
 
 
 @dataclass
@@ -311,6 +327,12 @@ def method_label(options: MethodConfig, cfg: VLMConfig) -> str:
     hr = getattr(options, "resolved_hr_size", None)
     variant = options.variant(cfg)
     return options.name + (f"@{hr(cfg)}" if hr else "") + (f" [{variant}]" if variant else "")
+
+
+def saved_method_options(name: str, **saved: Any) -> MethodConfig:
+    """The options a checkpoint saved (`loupe.json`), fields it predates at what it was trained with."""
+    cls = _method_class(name).config_class
+    return method_options(name, **{**cls.saved_defaults, **saved})
 
 
 def build_method(cfg: VLMConfig, options: MethodConfig) -> Method:

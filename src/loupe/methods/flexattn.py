@@ -8,7 +8,8 @@ Layers before `first_layer - 1` are vanilla. Layer `first_layer - 1` is vanilla 
 also yields, for each HR row, the attention over the LR image columns from which the
 first selection is made. From `first_layer` on, each layer is a hierarchical
 self-attention: the HR rows attend to [text/LR keys ; selected HR keys], with
-    K_hr = RoPE_hr(Z W'_K),  V_hr = Z W'_V   (Z = selected HR features, no norm)
+    K_hr = RoPE_hr(n(Z) W'_K),  V_hr = n(Z) W'_V   (Z = selected HR features; n = a per-layer
+    RMSNorm initialised from the layer's input norm, Loupe's default, or none as officially)
 and each layer selects anew, from its own attention, for the next layer (DESIGN.md §2).
 
 Which rows see HR: with `loss_rows` (training) the rows that predict answer tokens;
@@ -23,6 +24,7 @@ are memoised per layer and request, so each HR token is projected at most once.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -30,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loupe.config import VLMConfig
+from loupe.config import TextConfig, VLMConfig
 from loupe.errors import ConfigError, LoupeError
 from loupe.flops import CostPlan, Workload, attention, linear
 from loupe.methods import selection
@@ -39,6 +41,7 @@ from loupe.methods.base import (
     ImageInputs,
     MethodConfig,
     MethodReport,
+    RunOptions,
     Step,
     TrainDraw,
     TrainStep,
@@ -47,7 +50,7 @@ from loupe.methods.base import (
     register,
 )
 from loupe.methods.highres import HighResMethod, TiledConfig, tiled_plan
-from loupe.nn.decoder import ExtraKeys, Rows
+from loupe.nn.decoder import ExtraKeys, RMSNorm, Rows
 from loupe.nn.rope import Rope
 
 if TYPE_CHECKING:
@@ -60,12 +63,19 @@ class FlexAttnConfig(TiledConfig):
     first_layer: int = 0  # 0: the same fraction of depth as layer 9 of 32
     threshold: float = 48.0  # binarisation threshold on the 0..255 scale
     pool: int = 9  # coarse grid side; one cell = one block of HR tokens
-    strategy: str = "attnmap"  # attnmap | random | center
+    strategy: str = "attnmap"  # attnmap | random | center | oracle (needs the tag boxes: FlexRun)
     budget: float | None = None  # keep the top fraction of blocks instead of thresholding
     ablation_ratio: float = 0.1  # block fraction of the random / center strategies
     source: str = "official"  # official: attention without HR columns; paper: first N columns of it
     memoise: bool = True  # project each HR token at most once per request in generation
     gate_warmup: float = 10.0  # the official training gate: a = min(1, epoch * gate_warmup)
+    # HR features before W'_K, W'_V: "layer" = a per-layer RMSNorm initialised from the layer's
+    # input norm (Loupe's default: W_K was trained on normed hidden states, and the projector's
+    # output is ~20x their scale - DESIGN.md section 2); "none" = the raw projector output (official).
+    hr_norm: str = "layer"
+
+    # Checkpoints saved before `hr_norm` existed were trained on raw HR features.
+    saved_defaults: ClassVar[dict[str, object]] = {"hr_norm": "none"}
 
     def resolved_first_layer(self, cfg: VLMConfig) -> int:
         return self.first_layer or max(1, round(9 / 32 * cfg.text.num_layers))
@@ -91,15 +101,30 @@ class FlexAttnConfig(TiledConfig):
             raise ConfigError(f"source={self.source!r}; choose 'official' or 'paper'")
         if not self.gate_warmup > 0:
             raise ConfigError(f"gate_warmup={self.gate_warmup} must be > 0")
+        if self.hr_norm not in HR_NORMS:
+            raise ConfigError(f"hr_norm={self.hr_norm!r}; choose one of {list(HR_NORMS)}")
+
+
+HR_NORMS = ("layer", "none")
 
 
 class HRProjection(nn.Module):
-    """W'_K, W'_V of one FlexAttention layer (no bias, as the official k_proj_hd/v_proj_hd)."""
+    """W'_K, W'_V of one FlexAttention layer (with a bias where the base's k/v have one, as
+    Qwen2's; the official k_proj_hd/v_proj_hd of LLaMA have none), and the optional norm on Z."""
 
-    def __init__(self, width: int, kv_width: int) -> None:
+    def __init__(self, cfg: TextConfig, normed: bool) -> None:
         super().__init__()
-        self.k_proj = nn.Linear(width, kv_width, bias=False)
-        self.v_proj = nn.Linear(width, kv_width, bias=False)
+        width, kv_width = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim
+        bias = cfg.attention_bias or cfg.qkv_bias
+        self.norm = RMSNorm(width, cfg.rms_norm_eps) if normed else None
+        self.k_proj = nn.Linear(width, kv_width, bias=bias)
+        self.v_proj = nn.Linear(width, kv_width, bias=bias)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """HR features (B, S, W) -> unrotated keys, values (B, S, G*D)."""
+        if self.norm is not None:
+            z = self.norm(z)
+        return self.k_proj(z), self.v_proj(z)
 
 
 @dataclass
@@ -122,14 +147,30 @@ class FlexReport(MethodReport):
     """FlexAttention's report: per layer that selects for the next, the HR tokens each HR row chose."""
 
     selection: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, R, M) bool
+    lr_attention: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, R, N) over the LR image
     hr_rows: torch.Tensor | None = None  # (B, R) index of each HR row among the call's rows
     hr_rows_valid: torch.Tensor | None = None  # (B, R) False at padding
+
+    def answer_selection(self) -> dict[int, torch.Tensor]:
+        return {layer: sel[:, -1] for layer, sel in self.selection.items()}  # (B, M) the last HR row's
+
+    def answer_attention(self) -> dict[int, torch.Tensor]:
+        return {layer: att[:, -1] for layer, att in self.lr_attention.items()}  # (B, N)
+
+
+@dataclass
+class FlexRun(RunOptions):
+    """FlexAttention's per-call choices: the oracle's ground truth."""
+
+    boxes: torch.Tensor | None = None  # (B, 4) each sample's tag [left, top, right, bottom], fractions of the image
+    ratio: float | None = None  # the oracle's block budget (None: the options' ablation_ratio)
 
 
 @register
 class FlexAttention(HighResMethod):
     name = "flexattn"
     config_class = FlexAttnConfig
+    run_class = FlexRun
     options: FlexAttnConfig
 
     def __init__(self, cfg: VLMConfig, options: FlexAttnConfig) -> None:
@@ -137,7 +178,7 @@ class FlexAttention(HighResMethod):
         self.first = options.resolved_first_layer(cfg)
         self.hr_grid = self.hr_size // cfg.vision.patch_size
         t = cfg.text
-        self.layers = nn.ModuleDict({str(i): HRProjection(t.hidden_size, t.num_kv_heads * t.head_dim)
+        self.layers = nn.ModuleDict({str(i): HRProjection(t, normed=options.hr_norm == "layer")
                                      for i in range(self.first, t.num_layers)})
         # The training gate a (HR rows mix (1 - a) * out_noHR + a * out_HR), a persistent buffer so
         # that a checkpoint saved mid-warm-up resumes where it was; 1 = fully hierarchical.
@@ -168,12 +209,17 @@ class FlexAttention(HighResMethod):
         self.gate.fill_(1.0)  # inference: HR rows fully hierarchical
 
     def init_from_base(self, vlm: VLM) -> None:
-        """W'_K, W'_V start as copies of the layer's W_K, W_V (the official code's intent)."""
+        """W'_K, W'_V (and their biases) start as copies of the layer's W_K, W_V (the official
+        code's intent); the norm on Z as a copy of the layer's input norm."""
         with torch.no_grad():
             for key, proj in self.layers.items():
-                attn = vlm.decoder.layers[int(key)].self_attn
-                proj.k_proj.weight.copy_(attn.k_proj.weight)
-                proj.v_proj.weight.copy_(attn.v_proj.weight)
+                layer = vlm.decoder.layers[int(key)]
+                for mine, base in ((proj.k_proj, layer.self_attn.k_proj), (proj.v_proj, layer.self_attn.v_proj)):
+                    mine.weight.copy_(base.weight)
+                    if mine.bias is not None and base.bias is not None:
+                        mine.bias.copy_(base.bias)
+                if proj.norm is not None:
+                    proj.norm.weight.copy_(layer.input_layernorm.weight)
 
     @classmethod
     def cost_plan(cls, cfg: VLMConfig, options: MethodConfig, workload: Workload) -> CostPlan:
@@ -210,6 +256,7 @@ class FlexAttention(HighResMethod):
     # ---- layer loop -----------------------------------------------------------------
     def run_layers(self, vlm: VLM, x: torch.Tensor, step: Step) -> tuple[torch.Tensor, FlexReport]:
         req = self._request(vlm, step, x.shape[0])
+        boxes = self._oracle_boxes(step)
         rows, row_valid = self._hr_rows(step, x.shape[:2])  # (B, R), (B, R)
         gate = self.current_gate()
         sel: torch.Tensor | None = None  # (B, R, M) selection made by the previous layer
@@ -227,8 +274,9 @@ class FlexAttention(HighResMethod):
                                                                    probs_without_extra=self._official()))
             attn_lr = probs[..., : step.key_valid.shape[1]].sum(1)  # (B, R, Tk) summed over heads
             attn_lr = attn_lr.gather(2, req.image_cols[:, None].expand(-1, rows.shape[1], -1)).detach()  # (B, R, N)
+            report.lr_attention[i] = attn_lr
             if i + 1 < len(vlm.decoder.layers):  # the last layer has no next layer to select for
-                sel = self._select(attn_lr, req, row_valid)  # (B, R, M) for layer i + 1
+                sel = self._select(attn_lr, req, row_valid, boxes)  # (B, R, M) for layer i + 1
                 report.selection[i + 1] = sel
                 report.selected_fraction[i + 1] = _fraction(sel, row_valid)
         hr_layers = len(vlm.decoder.layers) - self.first
@@ -239,15 +287,41 @@ class FlexAttention(HighResMethod):
     def _official(self) -> bool:
         return self.options.source == "official"
 
+    def _oracle_boxes(self, step: Step) -> tuple[torch.Tensor, float] | None:
+        """The tag boxes (B, 4) and block budget of an oracle call (None: select as the options say)."""
+        run = step.run if isinstance(step.run, FlexRun) else None
+        if run is None or run.boxes is None:
+            if self.options.strategy == "oracle":
+                raise LoupeError("strategy='oracle' selects the ground-truth tag blocks: pass each sample's tag box "
+                                 "(run=FlexRun(boxes=...))")
+            return None
+        b = step.image_mask.shape[0]
+        if tuple(run.boxes.shape) != (b, 4):
+            raise LoupeError(f"FlexRun.boxes of shape {tuple(run.boxes.shape)}: expected ({b}, 4), one "
+                             "[left, top, right, bottom] box per sample")
+        return run.boxes.to(step.image_mask.device), run.ratio or self.options.ablation_ratio
+
+    def run_options(self, run: RunOptions | None) -> MethodConfig:
+        """An oracle call is costed and labelled as `strategy="oracle"` at its budget."""
+        if isinstance(run, FlexRun) and run.boxes is not None:
+            return dataclasses.replace(self.options, strategy="oracle",
+                                       ablation_ratio=run.ratio or self.options.ablation_ratio)
+        return self.options
+
     # ---- selection ------------------------------------------------------------------
-    def _select(self, attn_lr: torch.Tensor, req: FlexState, row_valid: torch.Tensor) -> torch.Tensor:
+    def _select(self, attn_lr: torch.Tensor, req: FlexState, row_valid: torch.Tensor,
+                boxes: tuple[torch.Tensor, float] | None) -> torch.Tensor:
         b, r, _ = attn_lr.shape
         g = self.cfg.vision.grid
         allowed = req.allowed[:, None].expand(b, r, g, g).reshape(b * r, g, g)
         o = self.options
+        strategy, ratio, row_boxes = o.strategy, o.ablation_ratio, None
+        if boxes is not None:  # the oracle: every row of a sample selects its tag's blocks
+            strategy, ratio = "oracle", boxes[1]
+            row_boxes = boxes[0][:, None].expand(b, r, 4).reshape(b * r, 4)
         flat = selection.select(attn_lr.reshape(b * r, g, g), allowed, hr_grid=self.hr_grid, pool=o.pool,
-                                threshold=o.threshold, strategy=o.strategy,  # type: ignore[arg-type]
-                                budget=o.budget, ablation_ratio=o.ablation_ratio)
+                                threshold=o.threshold, strategy=strategy,  # type: ignore[arg-type]
+                                budget=o.budget, ablation_ratio=ratio, boxes=row_boxes)
         return flat.view(b, r, -1) & row_valid[..., None]  # (B, R, M)
 
     def _hr_keys(self, i: int, req: FlexState, sel: torch.Tensor, gate: float) -> ExtraKeys:
@@ -289,8 +363,9 @@ class FlexAttention(HighResMethod):
         req.projected += idx.numel()
         g, d = self.cfg.text.num_kv_heads, self.cfg.text.head_dim
         b, s = idx.shape
-        k = proj.k_proj(z).view(b, s, g, d).transpose(1, 2)  # (B, G, S, D)
-        v = proj.v_proj(z).view(b, s, g, d).transpose(1, 2)  # (B, G, S, D)
+        k, v = proj(z)  # (B, S, G*D) each
+        k = k.view(b, s, g, d).transpose(1, 2)  # (B, G, S, D)
+        v = v.view(b, s, g, d).transpose(1, 2)  # (B, G, S, D)
         return req.hr_rope.select(idx).apply(k), v
 
     # ---- per-request state ----------------------------------------------------------

@@ -7,7 +7,9 @@ From the official code (DESIGN.md section 2): attention over the g x g LR image 
 summed over heads -> zero the square-padding margin -> min-max normalise -> binarise with
 `x * 255 > threshold` -> adaptive max-pool to P x P -> nearest upsample to G x G. Each
 pooled cell is one block of HR tokens (8 x 8 at the defaults). Ablations: random blocks,
-center blocks. A fixed budget keeps the top fraction of blocks instead of thresholding,
+center blocks, and `oracle`: the blocks that hold the ground-truth tag (from the data's
+boxes) at the same budget - the ceiling of what selection can give. A fixed budget keeps
+the top fraction of blocks instead of thresholding,
 which makes cost predictable. A row never selects nothing: if nothing passes, the block
 with the most attention is kept.
 """
@@ -20,8 +22,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-Strategy = Literal["attnmap", "random", "center"]
-STRATEGIES: tuple[Strategy, ...] = ("attnmap", "random", "center")
+Strategy = Literal["attnmap", "random", "center", "oracle"]
+STRATEGIES: tuple[Strategy, ...] = ("attnmap", "random", "center", "oracle")
 
 
 def normalise(attn: torch.Tensor) -> torch.Tensor:
@@ -58,6 +60,46 @@ def center_blocks(rows: int, pool: int, ratio: float, device: torch.device) -> t
     blocks = torch.zeros(rows, pool, pool, dtype=torch.bool, device=device)
     blocks[:, start:start + c, start:start + c] = True
     return blocks
+
+
+def box_cover(boxes: torch.Tensor, grid: int) -> torch.Tensor:
+    """(R, grid, grid) float: the fraction of each cell of a grid over the image that the box
+    [left, top, right, bottom] (fractions of the square image's side) covers."""
+    edges = torch.linspace(0, 1, grid + 1, device=boxes.device, dtype=torch.float32)
+    lo, hi = edges[:-1], edges[1:]  # (grid,) each
+
+    def overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # (R,) -> (R, grid)
+        return ((torch.minimum(hi, b[:, None]) - torch.maximum(lo, a[:, None])).clamp(min=0) * grid)
+
+    boxes = boxes.float()
+    return overlap(boxes[:, 1], boxes[:, 3])[:, :, None] * overlap(boxes[:, 0], boxes[:, 2])[:, None, :]
+
+
+def oracle_blocks(boxes: torch.Tensor, pool: int, ratio: float) -> torch.Tensor:
+    """(R, P, P): the `ceil(ratio * P * P)` blocks that cover most of each row's tag box,
+    ties (and blocks beyond the box, to fill the budget) by distance to the box's centre."""
+    cover = box_cover(boxes, pool).flatten(1)  # (R, P*P)
+    centre = torch.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], -1).float()  # (R, 2) x, y
+    mid = (torch.arange(pool, device=boxes.device, dtype=torch.float32) + 0.5) / pool
+    cells = torch.stack(torch.meshgrid(mid, mid, indexing="xy"), -1).view(-1, 2)  # (P*P, 2) x, y of each block
+    distance = (cells[None] - centre[:, None]).norm(dim=-1)  # (R, P*P)
+    keep = max(1, math.ceil(ratio * pool * pool))
+    top = (cover - 1e-3 * distance).topk(keep, dim=1).indices
+    return torch.zeros_like(cover, dtype=torch.bool).scatter(1, top, True).view(-1, pool, pool)
+
+
+def tag_tokens(boxes: torch.Tensor, grid: int) -> torch.Tensor:
+    """(R, grid*grid) bool: the HR tokens of a tag - the cells the box covers at least half of,
+    or the single cell it covers most when it is smaller than that."""
+    cover = box_cover(boxes, grid).flatten(1)  # (R, M)
+    most = F.one_hot(cover.argmax(1), cover.shape[1]).bool()
+    return (cover >= 0.5) | most
+
+
+def tag_hits(selected: torch.Tensor, boxes: torch.Tensor, grid: int) -> torch.Tensor:
+    """(R,) bool: whether a selection (R, grid*grid) holds at least half of the tag's tokens."""
+    tag = tag_tokens(boxes, grid)
+    return 2 * (selected & tag).sum(1) >= tag.sum(1)
 
 
 def never_empty(blocks: torch.Tensor, attn: torch.Tensor | None) -> torch.Tensor:
@@ -103,10 +145,15 @@ def margin_allowed(image_sizes: torch.Tensor | None, batch: int, g: int, device:
 
 def select(attn: torch.Tensor, allowed: torch.Tensor, *, hr_grid: int, pool: int, threshold: float,
            strategy: Strategy, budget: float | None, ablation_ratio: float,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """HR token mask (R, M) from LR-column attention (R, g, g) and allowed cells (R, g, g)."""
+           generator: torch.Generator | None = None, boxes: torch.Tensor | None = None) -> torch.Tensor:
+    """HR token mask (R, M) from LR-column attention (R, g, g) and allowed cells (R, g, g)
+    (`oracle`: from the rows' tag boxes (R, 4) instead)."""
     r, device = attn.shape[0], attn.device
-    if strategy == "attnmap":
+    if strategy == "oracle":
+        if boxes is None:
+            raise ValueError("oracle selection needs the tag boxes of the rows")
+        blocks = oracle_blocks(boxes, pool, ablation_ratio)
+    elif strategy == "attnmap":
         blocks = blocks_from_attention(attn, allowed, pool, threshold, budget)
         blocks = never_empty(blocks, attn * allowed)
     elif strategy == "random":

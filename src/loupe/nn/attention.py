@@ -140,11 +140,13 @@ def row_attention(
             columns were absent (FlexAttention's official selection source), from the same scores.
 
     Returns:
-        out (B, H, R, D) (None when v is None) and the probabilities, float32: (B, H, R, Tk)
+        out (B, H, R, D) (None when v is None) and the probabilities; scores and softmax in float32: (B, H, R, Tk)
         without extra columns (or with `probs_without_extra`), else (B, H, R, Tk + S).
     """
+    # Scores in float32 whatever the model's dtype: the probabilities are read (selection,
+    # ranking), and a bf16 dot product over thousands of keys would decide them by rounding.
     scale = 1 / math.sqrt(q.shape[-1])
-    scores = _grouped_scores(q, k) * scale  # (B, H, R, Tk)
+    scores = _grouped_scores(q.float(), k.float()) * scale  # (B, H, R, Tk)
     scores = scores.masked_fill(~key_mask[:, None], float("-inf"))
     if extra is None:
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
@@ -152,7 +154,7 @@ def row_attention(
     if v is None:
         raise ValueError("row_attention with extra columns needs the values v")
     k_extra, v_extra, extra_mask = extra
-    extra_scores = _grouped_scores(q, k_extra) * scale  # (B, H, R, S)
+    extra_scores = _grouped_scores(q.float(), k_extra.float()) * scale  # (B, H, R, S)
     extra_scores = extra_scores.masked_fill(~extra_mask[:, None], float("-inf"))
     probs = torch.softmax(torch.cat([scores, extra_scores], dim=-1), dim=-1, dtype=torch.float32)
     tk = k.shape[2]
