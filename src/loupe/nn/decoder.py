@@ -206,8 +206,5 @@ class Decoder(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
-        return Rope.at(positions, self.cfg.head_dim, self.cfg.rope_theta, dtype)
-
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(h))  # (B, T, V)

@@ -73,11 +73,6 @@ class TokenSet:
         """Keys cached before this call (the columns before the current rows)."""
         return self.key_valid.shape[1] - self.positions.shape[1]
 
-    def gather(self, values: torch.Tensor) -> torch.Tensor:
-        """A per-row tensor of the call (B, T, ...) at this set's rows (B, T', ...)."""
-        idx = self.index.view(*self.index.shape, *([1] * (values.dim() - 2)))
-        return values.gather(1, idx.expand(-1, -1, *values.shape[2:]))
-
     def shrink(self, x: torch.Tensor, keep: torch.Tensor, *, layer: int, renumber: bool,
                cache: DecoderCache | None) -> tuple[torch.Tensor, TokenSet]:
         """Keep the rows `keep` (B, T') of hidden states x (B, T', W) from `layer` on.
