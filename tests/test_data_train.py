@@ -68,6 +68,83 @@ def test_records_go_through_the_llava_reader(synth: Path) -> None:
     assert any(ex.meta.get("crop") for ex in train_ex) and max(len(ex.turns) for ex in train_ex) > 3
 
 
+def _ink(image: Image.Image, box: list[float]) -> np.ndarray:
+    """The pixels inside `box` (fractions of the side), grey levels."""
+    side = image.width
+    left, top, right, bottom = (round(v * side) for v in box)
+    return np.asarray(image.convert("L"), dtype=np.float32)[top:bottom, left:right]
+
+
+def test_names_must_be_bound_and_tag_boxes_hold_the_tags(synth: Path) -> None:
+    """Names share colours and shapes (only the pair is unique); every question's tag box holds
+    a black-on-white tag, the one the hard question asks about; `where` answers its cell."""
+    from loupe.data.synthetic import CELLS, cell
+    test = read_llava(synth / "test.json")
+    by_scene: dict[str, list] = {}
+    for ex in test:
+        by_scene.setdefault(ex.meta["scene"], []).append(ex)
+    shared = 0
+    for questions in by_scene.values():
+        names = {ex.question.split("the ")[1].split("?")[0] for ex in questions if ex.meta["type"] == "pattern"}
+        colours, shapes = [n.split()[0] for n in names], [n.split()[1] for n in names]
+        assert len(names) == sum(ex.meta["type"] == "pattern" for ex in questions)  # one object per name
+        shared += len(set(colours)) < len(colours) or len(set(shapes)) < len(shapes)
+    assert shared >= 0.8 * len(by_scene)
+    master = {}
+    for ex in test:
+        if "tag_box" not in ex.meta:
+            continue
+        image = master.setdefault(ex.image, Image.open(ex.image))
+        ink = _ink(image, ex.meta["tag_box"])
+        assert ink.shape[0] == ink.shape[1] == SynthConfig().tag
+        assert 0.35 < (ink < 60).mean() < 0.65 and (ink > 200).mean() > 0.3  # half black ink on white
+        if ex.meta["type"] == "where":
+            assert ex.meta["answer_text"] == cell(ex.meta["tag_box"]) and ex.meta["answer_text"] in CELLS
+
+
+def test_named_tags_spread_over_the_image_and_crops_hold_them_off_centre(synth: Path) -> None:
+    test = [ex for ex in read_llava(synth / "test.json") if ex.meta["kind"] == "hard"]
+    centres = np.array([[(b[0] + b[2]) / 2, (b[1] + b[3]) / 2] for b in (ex.meta["tag_box"] for ex in test)])
+    central = (np.abs(centres - 0.5) < 0.25).all(axis=1).mean()
+    assert central < 0.35  # the central quarter of the image holds about a quarter of the named tags
+    assert (np.abs(centres - 0.5) > 0.3).any(axis=1).mean() > 0.2  # and many lie near an edge
+    from loupe.visor_train import single_turns
+    crops = single_turns([ex for ex in read_llava(synth / "train.json")
+                          if ex.meta.get("crop") and not ex.meta.get("caption")])
+    per_crop: dict[str, int] = {}
+    offsets = []
+    for ex in crops:
+        box = ex.meta["tag_box"]
+        ink = _ink(Image.open(ex.image), box)
+        assert ink.std() > 20  # the crop's box holds its tag: high contrast, unlike a flat shape (noise sd 6)
+        offsets.append(max(abs((box[0] + box[2]) / 2 - 0.5), abs((box[1] + box[3]) / 2 - 0.5)))
+        per_crop[ex.id.split("#")[0]] = per_crop.get(ex.id.split("#")[0], 0) + (ex.meta["kind"] == "hard")
+    assert np.mean(offsets) > 0.15  # named tags sit anywhere in a crop, not at its centre
+    assert max(per_crop.values()) >= 2  # crops hold several readable objects
+
+
+def test_captions_list_every_named_object_where_it_is(synth: Path) -> None:
+    """Train-only caption records (the base's first-stage data): a scene's lists its named
+    objects with their cells, the same as its `where` answers; a crop's adds the patterns."""
+    train_ex = read_llava(synth / "train.json")
+    captions = {ex.meta["scene"] + ("/crop" if ex.meta.get("crop") else ""): ex for ex in train_ex
+                if ex.meta.get("caption")}
+    assert captions and all(len(ex.turns) == 1 for ex in captions.values())
+    assert not any(ex.meta.get("caption") for split in ("val", "test") for ex in read_llava(synth / f"{split}.json"))
+    for ex in train_ex:
+        if ex.meta.get("crop") or ex.meta.get("caption"):
+            continue
+        listed = captions[ex.id].answer.split(", ")
+        wheres = [(q, t) for (q, _), t in zip(ex.turns, ex.meta["turns"], strict=True) if t["type"] == "where"]
+        patterns = sum(t["type"] == "pattern" for t in ex.meta["turns"])
+        assert len(listed) == patterns  # one entry per named object
+        for question, meta in wheres:
+            name = question.split("Where is the ")[1].split("?")[0]
+            assert f"{name} {meta['answer_text']}" in listed
+    crop_captions = [ex.answer for key, ex in captions.items() if key.endswith("/crop")]
+    assert any(p in c for c in crop_captions for p in PATTERNS)
+
+
 def test_reader_names_the_bad_row(synth: Path, tmp_path: Path) -> None:
     rows = json.loads((synth / "test.json").read_text())
     bad = [rows[0], {**rows[1], "image": "images/missing.png"}]
@@ -156,7 +233,7 @@ def test_nan_loss_stops_without_saving(synth: Path, tiny_base: Path, tmp_path: P
 # ---- the reproduction -------------------------------------------------------------------------
 def test_reproduce_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "rep"
-    assert main(["reproduce", "--quick", "--out", str(out)]) == 0
+    assert main(["reproduce", "--quick", "--resolutions", "--out", str(out)]) == 0
     report = json.loads((out / "results.json").read_text())
     labels = [r["label"] for r in report["runs"]]
     assert labels[:9] == ["lowres", "hd", "xattn", "flexattn", "flexattn-oracle", "flexattn-random",
@@ -182,6 +259,61 @@ def test_reproduce_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "| flexattn-center |" in (out / "results.md").read_text() and "| flexattn |" in capsys.readouterr().out
     assert main(["reproduce", "--quick", "--out", str(out)]) == 2
     assert "already holds results" in capsys.readouterr().err
+
+
+def test_shipped_base_is_verified_by_hash(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    from loupe.reproduce import MANIFEST, SHIPPED_BASE, verified_base
+    assert verified_base(SHIPPED_BASE) == SHIPPED_BASE
+    manifest = json.loads((SHIPPED_BASE / MANIFEST).read_text())
+    assert manifest["command"].startswith("loupe reproduce --stage base") and manifest["seconds"] > 0
+    assert manifest["machine"]["cpu"] and set(manifest["files"]) >= {"config.json", "model.safetensors"}
+    assert sum(p.stat().st_size for p in SHIPPED_BASE.iterdir()) <= 25_000_000
+    copy = tmp_path / "base"
+    shutil.copytree(SHIPPED_BASE, copy)
+    weights = bytearray((copy / "model.safetensors").read_bytes())
+    weights[-1] ^= 1
+    (copy / "model.safetensors").write_bytes(bytes(weights))
+    with pytest.raises(loupe.LoupeError, match=r"base/model.safetensors: SHA-256 .* does not match"):
+        verified_base(copy)
+    out = tmp_path / "out"
+    assert main(["reproduce", "--quick", "--base", str(copy), "--out", str(out)]) == 2
+    assert "does not match" in capsys.readouterr().err and not out.exists()  # no silent retrain, nothing written
+    assert main(["reproduce", "--quick", "--base", str(tmp_path / "none"), "--out", str(out)]) == 2
+    assert "--stage base" in capsys.readouterr().err and not out.exists()
+
+
+def test_reproduce_stage_base_writes_a_verifiable_base(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from loupe.reproduce import MANIFEST, verified_base
+    out = tmp_path / "b"
+    assert main(["reproduce", "--stage", "nope", "--out", str(out)]) == 2
+    assert "--stage 'nope' does not exist" in capsys.readouterr().err and not out.exists()
+    assert main(["reproduce", "--stage", "base", "--quick", "--seed", "2", "--out", str(out)]) == 0
+    final = out / "base" / "final"
+    manifest = json.loads((verified_base(final) / MANIFEST).read_text())
+    assert manifest["command"] == "loupe reproduce --stage base --seed 2 --quick" and manifest["seed"] == 2
+    assert 0 <= manifest["val_accuracy"]["easy"] <= 100 and not (out / "results.json").exists()
+    assert "validation accuracy easy" in capsys.readouterr().out
+
+
+def test_seed_summary_gives_mean_spread_and_claims_per_seed() -> None:
+    from loupe.reproduce import seed_summary, seed_table
+
+    def report(seed: int, hard: float, holds: bool) -> dict:
+        acc = {"easy": 50.0, "hard": hard, "overall": 40.0, "tag_hit": None}
+        return {"seed": seed, "seconds": 1.0, "runs": [{"label": "hd", "accuracy": acc}],
+                "claims": [{"claim": "hd >= 80", "value": hard, "holds": holds}]}
+
+    summary = seed_summary([report(0, 80.0, True), report(1, 84.0, True), report(2, 70.0, False)])
+    hard = summary["methods"]["hd"]["hard"]
+    assert hard["values"] == [80.0, 84.0, 70.0] and hard["mean"] == pytest.approx(78.0)
+    assert hard["sd"] == pytest.approx(np.std([80, 84, 70], ddof=1))
+    assert summary["methods"]["hd"]["tag_hit"] is None
+    assert summary["claims"] == [{"claim": "hd >= 80", "values": [80.0, 84.0, 70.0], "holds": 2, "seeds": 3}]
+    assert "| hd | 50.0 ± 0.0" in seed_table(summary) and "2 of 3" in seed_table(summary)
+    with pytest.raises(loupe.LoupeError, match="repeat a seed"):
+        seed_summary([report(0, 80.0, True), report(0, 84.0, True)])
 
 
 def test_cli_data_synth(synth: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -398,13 +398,27 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="the same pipeline, much smaller (a smoke run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    p.add_argument("--stage", default="all", metavar="{all,base}",
+                   help="all: the whole reproduction; base: only train the base and write its MANIFEST.json "
+                        "(the shipped base is made this way)")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="train the base inside the run instead of starting from the shipped one")
+    p.add_argument("--base", default=None, metavar="DIR", help="start from this base (made by --stage base)")
+    p.add_argument("--resolutions", action="store_true",
+                   help="also the resolution ablation: FlexAttention at 2x and 4x the native size")
     p.set_defaults(run=cmd_reproduce)
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from loupe.reproduce import print_report, reproduce
 
-    report = reproduce(args.out, quick=args.quick, seed=args.seed, overwrite=args.overwrite)
+    report = reproduce(args.out, quick=args.quick, seed=args.seed, overwrite=args.overwrite, stage=args.stage,
+                       base=args.base, from_scratch=args.from_scratch, resolutions=args.resolutions)
+    if report.get("stage") == "base":
+        m = report["manifest"]
+        print(f"base in {report['base']} ({m['seconds']:.0f} s on {m['machine'].get('cpu', '?')}); validation "
+              f"accuracy easy {m['val_accuracy']['easy']:.1f}, hard {m['val_accuracy']['hard']:.1f}")
+        return 0
     print_report(report, Path(args.out))
     return 0
 

@@ -3,9 +3,14 @@ laptop scale, on the built-in synthetic benchmark - every method trained here, o
 
 Protocol (the paper's, scaled down):
 1. Generate the benchmark (`loupe.data.synthetic`) from the seed.
-2. Train a base low-resolution LLaVA of the `synth-tiny` shapes from scratch on whole
-   scenes at the native 64 px plus native-size crops (the encoder learns to read tags
-   where they are large, as CLIP has seen close-ups). Everything is trained.
+2. The base: a low-resolution LLaVA of the `synth-tiny` shapes trained from scratch on
+   whole scenes at the native 64 px plus native-size crops (the encoder learns to read
+   tags where they are large, as CLIP has seen close-ups; the grounding questions teach
+   the answer row to look at the named object). Everything is trained. As the paper
+   starts from a pretrained LLaVA, the run starts from the base shipped in the package
+   (`loupe/assets/synth-base`, made by `loupe reproduce --stage base`, its command, time
+   and machine in its MANIFEST.json, every file verified by SHA-256 at load);
+   `--from-scratch` trains it inside the run instead.
 3. Fine-tune every method from that same base with the same data (whole scenes only),
    steps and schedule; the vision encoder and projector frozen, so their features are
    computed once per image and shared between methods.
@@ -20,6 +25,8 @@ checkpoint and each run's log and metrics.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import shutil
 import time
@@ -58,7 +65,7 @@ FLEX = {"first_layer": 2, "pool": 4, "threshold": 128.0}
 # route to; CA layers 0 and 2 and SA layers 1 and 3 keep the paper's alternation and give
 # 4 subsets (0, 1 or 2 SA layers), the routing token read after layer 0 (CA: it has seen the image).
 VISOR = {"hr_size": 3 * NATIVE, "ca_layers": [0, 2], "sa_layers": [1, 3]}
-SCENES = SynthConfig(native=64, objects=(1, 2), distractors=(1, 3))
+SCENES = SynthConfig(native=NATIVE)
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,7 @@ class Run:
     options: dict[str, Any] = field(default_factory=dict)
     ablation: bool = False  # random / center selection at the attnmap run's measured fraction
     oracle: bool = False  # also assess the trained model with oracle selection at its own measured fraction
+    resolution: bool = False  # the resolution ablation: run only when asked (`--resolutions`)
 
 
 RUNS = (
@@ -79,8 +87,8 @@ RUNS = (
     Run("flexattn", "flexattn", {"hr_size": 3 * NATIVE, **FLEX}, oracle=True),
     Run("flexattn-random", "flexattn", {"hr_size": 3 * NATIVE, "strategy": "random", **FLEX}, ablation=True),
     Run("flexattn-center", "flexattn", {"hr_size": 3 * NATIVE, "strategy": "center", **FLEX}, ablation=True),
-    Run("flexattn@2x", "flexattn", {"hr_size": 2 * NATIVE, **FLEX}),
-    Run("flexattn@4x", "flexattn", {"hr_size": 4 * NATIVE, **FLEX}),
+    Run("flexattn@2x", "flexattn", {"hr_size": 2 * NATIVE, **FLEX}, resolution=True),
+    Run("flexattn@4x", "flexattn", {"hr_size": 4 * NATIVE, **FLEX}, resolution=True),
 )
 
 
@@ -91,16 +99,17 @@ class Plan:
     finetune: TrainConfig
     latency_samples: int
     router_scenes: int  # training scenes whose questions label and train VISOR's router
+    base_scenes: int  # the base's training scenes (each with its crops)
 
 
-FULL = Plan(1000, TrainConfig(steps=1800, batch_size=16, lr=1e-3, warmup=50,
+FULL = Plan(1000, TrainConfig(steps=3500, batch_size=16, lr=2e-3, warmup=50,
                               train=("vision_tower", "projector", "decoder"), log_every=25),
             TrainConfig(steps=150, batch_size=16, lr=3e-3, warmup=20, train=("decoder", "method"), log_every=25),
-            latency_samples=16, router_scenes=300)
+            latency_samples=16, router_scenes=300, base_scenes=4000)
 QUICK = Plan(60, TrainConfig(steps=30, batch_size=8, lr=1e-3, warmup=5,
                              train=("vision_tower", "projector", "decoder"), log_every=10),
              TrainConfig(steps=6, batch_size=8, lr=3e-3, warmup=2, train=("decoder", "method"), log_every=3),
-             latency_samples=3, router_scenes=12)
+             latency_samples=3, router_scenes=12, base_scenes=60)
 INIT_STD = 0.1  # about 1/sqrt(width 128): with 0.02 the from-scratch model never starts using the image
 
 OWNED = ("data", "base", "runs", "overlays", "results.json", "results.md", "results.png")
@@ -139,6 +148,67 @@ def train_base(out: Path, examples: Sequence[Example], tok: Tokenizer, plan: Pla
     train(model, samples, images, cfg, tok.pad_id, out, progress, desc="base")
     (out / "final" / "tokenizer.json").write_bytes(tok.inner.to_str().encode())
     return out / "final"
+
+
+# ---- the shipped base ------------------------------------------------------------------------
+SHIPPED_BASE = Path(__file__).parent / "assets" / "synth-base"
+MANIFEST = "MANIFEST.json"
+STAGES = ("all", "base")  # the whole reproduction; only the base (what the package ships)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path, provenance: dict[str, Any]) -> Path:
+    """`folder`/MANIFEST.json: how the base was made and the SHA-256 of every file in it."""
+    files = {p.name: sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    return write_json(folder / MANIFEST, {**provenance, "files": files})
+
+
+def verified_base(folder: Path) -> Path:
+    """`folder` if every file its manifest lists is there with the recorded SHA-256; a clear
+    error naming the file otherwise (never a silent retrain)."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        raise LoupeError(f"no base at {folder} (missing {MANIFEST}); make one with `loupe reproduce --stage base`, "
+                         "or pass --from-scratch to train it inside the run")
+    files = json.loads(manifest.read_text()).get("files") or {}
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        if name not in files:
+            raise LoupeError(f"{manifest} lists no {name}; the base folder is incomplete")
+    for name, want in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise LoupeError(f"{path} is missing (listed in {manifest})")
+        got = sha256(path)
+        if got != want:
+            raise LoupeError(f"{path}: SHA-256 {got[:16]}... does not match {want[:16]}... in {manifest}; the base "
+                             "is damaged or was changed - restore it (git checkout), make it again with `loupe "
+                             "reproduce --stage base`, or pass --from-scratch to train one inside the run")
+    return folder
+
+
+def make_base(out: Path, train_ex: Sequence[Example], val_ex: Sequence[Example], tok: Tokenizer, plan: Plan,
+              seed: int, quick: bool, progress: bool) -> Path:
+    """Train the base in `out`/base and write its manifest: command, time, machine, its
+    validation accuracy and the hash of every file."""
+    start = time.perf_counter()
+    final = train_base(out / "base", train_ex, tok, plan, seed, progress)
+    seconds = time.perf_counter() - start
+    model = from_pretrained(final, "lowres", dtype=torch.float32)
+    samples, paths = tokenize(val_ex, tok, model.method.tokens_per_image())
+    summary = evaluate(model, samples, PixelImages(paths, NATIVE, progress=False), tok, progress=progress).summary()
+    command = f"loupe reproduce --stage base --seed {seed}" + (" --quick" if quick else "")
+    write_manifest(final, {"command": command, "seconds": round(seconds, 1), "machine": _machine(),
+                           "date": time.strftime("%Y-%m-%d"), "seed": seed, "scenes": plan.base_scenes,
+                           "synth": asdict(SCENES), "train": asdict(plan.base),
+                           "val_accuracy": {k: summary[k] for k in ("easy", "hard", "overall")}})
+    return final
 
 
 @dataclass
@@ -309,34 +379,60 @@ def _workload(samples: Sequence[Sample], image_token_id: int, selected: float | 
 
 
 def reproduce(out: str | Path, quick: bool = False, seed: int = 0, overwrite: bool = False,
-              progress: bool = True, runs: Sequence[Run] = RUNS, with_visor: bool = True) -> dict[str, Any]:
+              progress: bool = True, runs: Sequence[Run] = RUNS, with_visor: bool = True, stage: str = "all",
+              base: str | Path | None = None, from_scratch: bool = False,
+              resolutions: bool = False) -> dict[str, Any]:
+    """The reproduction in `out` (`stage="base"`: only train the base and write its manifest).
+    The base: `base` (a folder made by `--stage base`), else the shipped one, else - with
+    `from_scratch` - trained here. `resolutions`: also FlexAttention at 2x and 4x."""
+    if stage not in STAGES:
+        raise LoupeError(f"--stage {stage!r} does not exist; choose one of {list(STAGES)}")
+    if base is not None and (from_scratch or stage == "base"):
+        raise LoupeError("--base names a base to start from; it cannot go with --from-scratch or --stage base")
     out = Path(out)
+    base_dir = None if from_scratch or stage == "base" else verified_base(Path(base) if base else SHIPPED_BASE)
     prepare_out(out, overwrite)
     plan = QUICK if quick else FULL
     start = time.perf_counter()
     data = write_dataset(out / "data", plan.scenes, seed, SCENES, progress)
-    train_ex, test_ex = read_llava(data / "train.json"), read_llava(data / "test.json")
-    tok = dataset_tokenizer(train_ex, data / "tokenizer")
-    base = train_base(out / "base", train_ex, tok, plan, seed, progress)
-    scenes = [ex for ex in train_ex if not ex.meta.get("crop")]
+    train_ex, val_ex, test_ex = (read_llava(data / f"{split}.json") for split in ("train", "val", "test"))
+    if base_dir is None:
+        base_data = write_dataset(out / "data" / "base", plan.base_scenes, seed, SCENES, progress, ("train",))
+        base_ex = read_llava(base_data / "train.json")
+        tok = dataset_tokenizer(base_ex, data / "tokenizer")
+        base_dir = make_base(out, base_ex, val_ex, tok, plan, seed, quick, progress)
+        if stage == "base":
+            return {"stage": "base", "base": str(base_dir), "seconds": time.perf_counter() - start,
+                    "manifest": json.loads((base_dir / MANIFEST).read_text())}
+    else:
+        tok = Tokenizer.from_folder(base_dir, image_token_id=4)
+    scenes = [ex for ex in train_ex if not ex.meta.get("crop") and not ex.meta.get("caption")]
     store: FeatureStore = {}
     results: list[RunResult] = []
     looks: dict[str, list[viz.Look]] = {}
-    for run in runs:
+    for run in (r for r in runs if resolutions or not r.resolution):
         ratio = _attnmap_fraction(results) if run.ablation else None
-        results += finetune(run, base, scenes, test_ex, tok, plan, store, out / "runs" / run.label, seed,
+        results += finetune(run, base_dir, scenes, test_ex, tok, plan, store, out / "runs" / run.label, seed,
                             progress, ratio, looks)
     write_overlays(looks, out / "overlays")
     if with_visor:
-        results += visor_runs(base, scenes, read_llava(data / "val.json"), test_ex, tok, plan, store, out / "runs",
-                              seed, progress)
+        results += visor_runs(base_dir, scenes, val_ex, test_ex, tok, plan, store, out / "runs", seed, progress)
     report = {"quick": quick, "seed": seed, "seconds": time.perf_counter() - start, "machine": _machine(),
+              "base": _base_record(base_dir),
               "plan": {"scenes": plan.scenes, "base": asdict(plan.base), "finetune": asdict(plan.finetune)},
               "runs": [asdict(r) for r in results], "claims": claims(results)}
     write_json(out / "results.json", report)
     write_atomic(out / "results.md", table(results) + "\n\n" + claims_table(report["claims"]) + "\n")
     plot(results, out / "results.png", title=f"loupe reproduce (seed {seed}{', quick' if quick else ''})")
     return report
+
+
+def _base_record(folder: Path) -> dict[str, Any]:
+    """Where the run's base came from: its folder and manifest (command, time, machine, hashes)."""
+    manifest = json.loads((folder / MANIFEST).read_text())
+    return {"folder": str(folder), **{k: manifest.get(k) for k in ("command", "seconds", "machine", "date", "seed",
+                                                                    "val_accuracy")},
+            "sha256": manifest["files"].get("model.safetensors")}
 
 
 def _attnmap_fraction(results: Sequence[RunResult]) -> float | None:
@@ -478,5 +574,61 @@ def print_report(report: dict[str, Any], out: Path) -> None:
     print(table(results))
     print()
     print(claims_table(report["claims"]))
-    print(f"\n{report['seconds']:.0f} s on {report['machine'].get('cpu', '?')}; results in {out}/results.json, "
+    base = report.get("base") or {}
+    print(f"\nbase: {base.get('folder')} ({base.get('command')}, {base.get('seconds')} s on "
+          f"{(base.get('machine') or {}).get('cpu', '?')})")
+    print(f"{report['seconds']:.0f} s on {report['machine'].get('cpu', '?')}; results in {out}/results.json, "
           f"results.md, results.png")
+
+
+# ---- several seeds --------------------------------------------------------------------------
+SEED_COLUMNS = ("easy", "hard", "overall", "tag_hit")
+
+
+def seed_summary(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per method and column: every seed's value, the mean and the standard deviation over
+    seeds; per claim: the measured value per seed and on how many seeds it holds."""
+    seeds = [r["seed"] for r in reports]
+    if len(set(seeds)) != len(seeds):
+        raise LoupeError(f"the reports repeat a seed ({seeds}); give one report per seed")
+    labels = [r["label"] for r in reports[0]["runs"]]
+    methods: dict[str, Any] = {}
+    for label in labels:
+        per = [next((x for x in r["runs"] if x["label"] == label), None) for r in reports]
+        if any(x is None for x in per):
+            continue  # a method not run on every seed is not summarised
+        methods[label] = {col: _spread([x["accuracy"].get(col) for x in per]) for col in SEED_COLUMNS}
+    claims_by = [{c["claim"]: c for c in r["claims"]} for r in reports]
+    rows = [{"claim": name, "values": [c[name]["value"] for c in claims_by],
+             "holds": sum(bool(c[name]["holds"]) for c in claims_by), "seeds": len(reports)}
+            for name in claims_by[0] if all(name in c for c in claims_by)]
+    return {"seeds": seeds, "methods": methods, "claims": rows,
+            "seconds": [r["seconds"] for r in reports], "machine": reports[0].get("machine")}
+
+
+def _spread(values: Sequence[float | None]) -> dict[str, Any] | None:
+    xs = [float(v) for v in values if v is not None]
+    if len(xs) < len(values):
+        return None
+    mean = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return {"values": xs, "mean": mean, "sd": sd}
+
+
+def _cell(v: dict[str, Any] | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v['mean']:.1f} ± {v['sd']:.1f} ({' / '.join(f'{x:.1f}' for x in v['values'])})"
+
+
+def seed_table(summary: dict[str, Any]) -> str:
+    seeds = ", ".join(str(s) for s in summary["seeds"])
+    lines = [f"| method (seeds {seeds}) | " + " | ".join(f"{c}: mean ± sd (per seed)" for c in SEED_COLUMNS) + " |",
+             "|---|" + "---|" * len(SEED_COLUMNS)]
+    for label, cols in summary["methods"].items():
+        cells = [_cell(cols[c]) for c in SEED_COLUMNS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "| target | measured per seed | holds on |", "|---|---|---|"]
+    for c in summary["claims"]:
+        lines.append(f"| {c['claim']} | {' / '.join(f'{v:.2f}' for v in c['values'])} | {c['holds']} of {c['seeds']} |")
+    return "\n".join(lines)
