@@ -289,10 +289,16 @@ def test_reproduce_stage_base_writes_a_verifiable_base(tmp_path: Path, capsys: p
     out = tmp_path / "b"
     assert main(["reproduce", "--stage", "nope", "--out", str(out)]) == 2
     assert "--stage 'nope' does not exist" in capsys.readouterr().err and not out.exists()
-    assert main(["reproduce", "--stage", "base", "--quick", "--seed", "2", "--out", str(out)]) == 0
+    assert main(["reproduce", "--base-steps", "5", "--out", str(out)]) == 2  # only where a base is trained
+    assert "--base-steps sets how long" in capsys.readouterr().err and not out.exists()
+    argv = ["reproduce", "--stage", "base", "--quick", "--seed", "2", "--base-steps", "12", "--out", str(out)]
+    assert main(argv) == 0
     final = out / "base" / "final"
     manifest = json.loads((verified_base(final) / MANIFEST).read_text())
-    assert manifest["command"] == "loupe reproduce --stage base --seed 2 --quick" and manifest["seed"] == 2
+    assert manifest["command"] == "loupe reproduce --stage base --seed 2 --quick --base-steps 12"
+    assert manifest["seed"] == 2 and manifest["train"]["steps"] == 12
+    log = [json.loads(line) for line in (out / "base" / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 12
     assert 0 <= manifest["val_accuracy"]["easy"] <= 100 and not (out / "results.json").exists()
     assert "validation accuracy easy" in capsys.readouterr().out
 

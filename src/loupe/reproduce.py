@@ -204,6 +204,8 @@ def make_base(out: Path, train_ex: Sequence[Example], val_ex: Sequence[Example],
     samples, paths = tokenize(val_ex, tok, model.method.tokens_per_image())
     summary = evaluate(model, samples, PixelImages(paths, NATIVE, progress=False), tok, progress=progress).summary()
     command = f"loupe reproduce --stage base --seed {seed}" + (" --quick" if quick else "")
+    if plan.base.steps != (QUICK if quick else FULL).base.steps:
+        command += f" --base-steps {plan.base.steps}"
     write_manifest(final, {"command": command, "seconds": round(seconds, 1), "machine": _machine(),
                            "date": time.strftime("%Y-%m-%d"), "seed": seed, "scenes": plan.base_scenes,
                            "synth": asdict(SCENES), "train": asdict(plan.base),
@@ -381,18 +383,25 @@ def _workload(samples: Sequence[Sample], image_token_id: int, selected: float | 
 def reproduce(out: str | Path, quick: bool = False, seed: int = 0, overwrite: bool = False,
               progress: bool = True, runs: Sequence[Run] = RUNS, with_visor: bool = True, stage: str = "all",
               base: str | Path | None = None, from_scratch: bool = False,
-              resolutions: bool = False) -> dict[str, Any]:
+              resolutions: bool = False, base_steps: int | None = None) -> dict[str, Any]:
     """The reproduction in `out` (`stage="base"`: only train the base and write its manifest).
     The base: `base` (a folder made by `--stage base`), else the shipped one, else - with
-    `from_scratch` - trained here. `resolutions`: also FlexAttention at 2x and 4x."""
+    `from_scratch` - trained here, for `base_steps` steps if given. `resolutions`: also
+    FlexAttention at 2x and 4x."""
     if stage not in STAGES:
         raise LoupeError(f"--stage {stage!r} does not exist; choose one of {list(STAGES)}")
     if base is not None and (from_scratch or stage == "base"):
         raise LoupeError("--base names a base to start from; it cannot go with --from-scratch or --stage base")
+    if base_steps is not None and not (from_scratch or stage == "base"):
+        raise LoupeError("--base-steps sets how long the base trains: give it with --stage base or --from-scratch")
+    if base_steps is not None and base_steps < 1:
+        raise LoupeError(f"--base-steps {base_steps} must be at least 1")
     out = Path(out)
     base_dir = None if from_scratch or stage == "base" else verified_base(Path(base) if base else SHIPPED_BASE)
     prepare_out(out, overwrite)
     plan = QUICK if quick else FULL
+    if base_steps is not None:
+        plan = replace(plan, base=replace(plan.base, steps=base_steps))
     start = time.perf_counter()
     data = write_dataset(out / "data", plan.scenes, seed, SCENES, progress)
     train_ex, val_ex, test_ex = (read_llava(data / f"{split}.json") for split in ("train", "val", "test"))
