@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import shutil
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -403,8 +404,10 @@ def reproduce(out: str | Path, quick: bool = False, seed: int = 0, overwrite: bo
     if base_steps is not None:
         plan = replace(plan, base=replace(plan.base, steps=base_steps))
     start = time.perf_counter()
-    data = write_dataset(out / "data", plan.scenes, seed, SCENES, progress)
-    train_ex, val_ex, test_ex = (read_llava(data / f"{split}.json") for split in ("train", "val", "test"))
+    # --stage base needs only the validation split (its accuracy goes in the manifest)
+    splits = ("val",) if stage == "base" else ("train", "val", "test")
+    data = write_dataset(out / "data", plan.scenes, seed, SCENES, progress, splits)
+    val_ex = read_llava(data / "val.json")
     if base_dir is None:
         base_data = write_dataset(out / "data" / "base", plan.base_scenes, seed, SCENES, progress, ("train",))
         base_ex = read_llava(base_data / "train.json")
@@ -415,6 +418,7 @@ def reproduce(out: str | Path, quick: bool = False, seed: int = 0, overwrite: bo
                     "manifest": json.loads((base_dir / MANIFEST).read_text())}
     else:
         tok = Tokenizer.from_folder(base_dir, image_token_id=4)
+    train_ex, test_ex = read_llava(data / "train.json"), read_llava(data / "test.json")
     scenes = [ex for ex in train_ex if not ex.meta.get("crop") and not ex.meta.get("caption")]
     store: FeatureStore = {}
     results: list[RunResult] = []
@@ -619,9 +623,7 @@ def _spread(values: Sequence[float | None]) -> dict[str, Any] | None:
     xs = [float(v) for v in values if v is not None]
     if len(xs) < len(values):
         return None
-    mean = sum(xs) / len(xs)
-    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return {"values": xs, "mean": mean, "sd": sd}
+    return {"values": xs, "mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0}
 
 
 def _cell(v: dict[str, Any] | None) -> str:
