@@ -157,7 +157,8 @@ def test_missing_and_unexpected_keys_are_listed(hf_tiny, tmp_path: Path) -> None
     ("text_config.hidden_act", "gelu", "text_config.hidden_act='gelu'"),
     ("text_config.rope_scaling", {"rope_type": "linear", "factor": 2.0}, "rope_type='linear'"),
     ("vision_feature_select_strategy", "cls", "vision_feature_select_strategy='cls'"),
-    ("vision_config.model_type", "siglip_vision_model", "siglip_vision_model"),
+    ("vision_config.model_type", "dinov2", "vision_config.model_type='dinov2'"),
+    ("vision_config.model_type", "siglip_vision_model", "SigLIP has none"),  # its strategy must be "full"
 ])
 def test_unsupported_config_value_is_named(hf_tiny, tmp_path: Path, field: str, value: object, match: str) -> None:
     _, path = hf_tiny

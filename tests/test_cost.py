@@ -184,7 +184,7 @@ def test_cli_bench_writes_table_and_json(tmp_path, capsys: pytest.CaptureFixture
     (["flops", "--preset", "tiny", "--method", "flexattn", "--selected-ratio", "0"], "selected ratio 0.0"),
     (["flops", "--preset", "tiny", "--new-tokens", "-1"], "new_tokens=-1"),
     (["flops", "--preset", "tiny", "--method", "lowres@112"], "takes no HR size"),
-    (["bench", "--preset", "llava-ov-0.5b"], "cost-only"),
+    (["bench", "--preset", "llava-ov-0.5b", "--image-size", "300x0"], "image size '300x0' is not HEIGHTxWIDTH"),
     (["bench", "--preset", "tiny", "--reps", "0"], "reps=0"),
 ])
 def test_cli_cost_bad_input(argv: list[str], match: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -378,18 +378,19 @@ def test_convert_from_llava_adds_nothing_before_training(tmp_path: Path, capsys:
     assert not (tmp_path / "bad").exists()
 
 
-def test_cli_flops_reports_every_budget_at_7290_tokens(capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_flops_reports_every_budget_at_7371_tokens(capsys: pytest.CaptureFixture[str]) -> None:
+    """OneVision-0.5B at its largest AnyRes image (2304 x 2304): 729 + 81 x 82 = 7,371 tokens."""
     import json
 
     from loupe.cli import main
     assert main(["flops", "--preset", "llava-ov-0.5b", "--method", "visor", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["image_tokens"] == 7290
+    assert out["image_tokens"] == 7371
     rows = out["budgets"]["budgets"]
     assert [r["budget"] for r in rows][:2] == ["SA none", "SA 1"] and len(rows) == 9  # 8 SA layers of 24
     savings = [r["llm_saving"] for r in rows]
     assert savings == sorted(savings, reverse=True) and savings[-1] > 1
-    assert out["budgets"]["reference"]["image_tokens"] == 7290
+    assert out["budgets"]["reference"]["image_tokens"] == 7371
     assert main(["flops", "--preset", "llava-ov-0.5b", "--method", "visor", "-o", "configuration=router",
                  "--mix", "0.5,0.5"]) == 2
     assert "a mix of 2 fractions for 9 configurations" in capsys.readouterr().err

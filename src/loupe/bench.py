@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from loupe.config import VLMConfig
@@ -49,6 +50,8 @@ class BenchConfig:
     reps: int = 5
     warmup: int = 1
     seed: int = 0
+    image_size: tuple[int, int] | None = None  # (height, width); None: the method's square input (OneVision: its
+    # reference size, the largest pinpoint)
 
     def __post_init__(self) -> None:
         for name in ("batch", "reps", "new_tokens"):
@@ -66,9 +69,6 @@ class BenchConfig:
 
 def cut(preset: Preset, layers: int | None, vision_layers: int | None) -> VLMConfig:
     """The preset's config with fewer decoder / encoder layers (the same feature layer index)."""
-    if not preset.class_token:
-        raise LoupeError(f"this preset ({preset.description.split(';')[0]}) is cost-only: Loupe's CLIP "
-                         "tower cannot run an encoder without a class token")
     d = preset.config.to_dict()
     if layers is not None:
         d["text"]["num_layers"] = layers
@@ -163,19 +163,31 @@ def _release_free_memory() -> None:
 @dataclass
 class Sample:
     prefill_s: float
+    llm_prefill_s: float  # the same prefill from encoded images: the decoder (and method) part alone
     decode_s: float  # per decode step
     peak_bytes: int | None
     selected: float | None  # mean selected fraction (methods that select)
     fresh: float | None  # fraction of HR tokens a decode step projected anew
 
 
+@dataclass
+class Request:
+    """One benchmark request: prompt ids (B, T), pixels and the images' original sizes."""
+
+    ids: torch.Tensor
+    pixels: torch.Tensor  # (B, 3, S, S), or (B, P, 3, s, s) OneVision tiles
+    image_sizes: torch.Tensor  # (B, 2)
+
+
 @torch.inference_mode()
-def run_once(model: VLM, ids: torch.Tensor, pixels: torch.Tensor, new_tokens: int) -> Sample:
-    """One prefill from pixels and `new_tokens - 1` decode steps."""
+def run_once(model: VLM, req: Request, new_tokens: int) -> Sample:
+    """One prefill from pixels and `new_tokens - 1` decode steps; then the prefill again from
+    images encoded beforehand (outside the timer), which times the LLM part alone."""
+    ids = req.ids
     with PeakMemory(model.device) as mem:
         cache = model.new_cache(ids.shape[0], ids.shape[1] + new_tokens)
         with Stopwatch(model.device) as prefill:
-            out = model(ids, pixels, cache=cache, last_only=True)
+            out = model(ids, req.pixels, cache=cache, last_only=True, image_sizes=req.image_sizes)
             tok = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
         fresh = []
         with Stopwatch(model.device) as decode:
@@ -185,20 +197,36 @@ def run_once(model: VLM, ids: torch.Tensor, pixels: torch.Tensor, new_tokens: in
                 fresh.append(step.report.projected_fraction)
     per_step = decode.seconds / max(1, new_tokens - 1)
     known = [f for f in fresh if f is not None]
-    return Sample(prefill.seconds, per_step, mem.peak_bytes, measured_selection(out.report),
+    images = model.method.encode(model, req.pixels, req.image_sizes)
+    with Stopwatch(model.device) as llm:
+        model(ids, images=images, cache=model.new_cache(ids.shape[0], ids.shape[1] + 1), last_only=True)
+    return Sample(prefill.seconds, llm.seconds, per_step, mem.peak_bytes, measured_selection(out.report),
                   statistics.fmean(known) if known else None)
 
 
-def request(model: VLM, method: Method, cfg: BenchConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random prompt ids (B, T) with the method's image block after the first token, and pixels (B, 3, S, S)."""
+def request(model: VLM, method: Method, cfg: BenchConfig, gen: torch.Generator) -> Request:
+    """Random prompt ids (B, T) with the method's image block after the first token, and a random
+    image of `cfg.image_size` (or the method's own input size) prepared as the model family takes it."""
     vocab, image_id = model.cfg.text.vocab_size, model.cfg.image_token_id
     text = torch.randint(5, vocab, (cfg.batch, max(1, cfg.prompt_tokens)), generator=gen)
     text = text.masked_fill(text == image_id, 5)
-    image = torch.full((cfg.batch, method.tokens_per_image()), image_id)
+    h, w = cfg.image_size or reference_image_size(model.cfg, method)
+    noise = torch.randint(0, 256, (h, w, 3), generator=gen, dtype=torch.uint8).numpy()
+    model.method = method
+    prepared = model.prepare_images([Image.fromarray(noise)] * cfg.batch)
+    image = torch.full((cfg.batch, prepared.tokens[0]), image_id)
     ids = torch.cat([text[:, :1], image, text[:, 1:]], dim=1)
-    size = method.image_size()
-    px = torch.randn(cfg.batch, 3, size, size, generator=gen)
-    return ids.to(model.device), px.to(model.device, model.dtype)
+    return Request(ids.to(model.device), prepared.pixel_values.to(model.device, model.dtype),
+                   prepared.image_sizes.to(model.device))
+
+
+def reference_image_size(cfg: VLMConfig, method: Method) -> tuple[int, int]:
+    """The image the bench uses when none is given: OneVision's largest pinpoint, else the
+    method's square input."""
+    if cfg.image_grid_pinpoints:
+        side = max(max(p) for p in cfg.image_grid_pinpoints)
+        return side, side
+    return method.image_size(), method.image_size()
 
 
 def benchmark(preset: Preset, cfg: BenchConfig, reference: int = 0, progress: bool = True) -> dict[str, Any]:
@@ -220,7 +248,7 @@ def benchmark(preset: Preset, cfg: BenchConfig, reference: int = 0, progress: bo
     for r in range(rounds):
         for name, method in methods.items():  # interleaved: A B C A B C ...
             model.method = method
-            s = run_once(model, *inputs[name], cfg.new_tokens)
+            s = run_once(model, inputs[name], cfg.new_tokens)
             if r >= cfg.warmup:
                 samples[name].append(s)
             bar.update()
@@ -228,7 +256,7 @@ def benchmark(preset: Preset, cfg: BenchConfig, reference: int = 0, progress: bo
     rows = [_row(name, o, samples[name], model_cfg, cfg) for name, o in zip(methods, cfg.methods, strict=True)]
     ref = rows[reference]
     for row in rows:
-        for phase in ("prefill", "decode"):
+        for phase in ("prefill", "llm_prefill", "decode"):
             row[f"{phase}_ratio_measured"] = row[f"{phase}_ms"]["median"] / ref[f"{phase}_ms"]["median"]
             row[f"{phase}_ratio_predicted"] = row[f"{phase}_flops"] / ref[f"{phase}_flops"]
     return {"config": {**{k: v for k, v in dataclasses.asdict(cfg).items() if k != "methods"},
@@ -263,7 +291,7 @@ def _row(name: str, options: MethodConfig, samples: list[Sample], model_cfg: VLM
     fresh = [s.fresh for s in samples if s.fresh is not None]
     workload = Workload(cfg.prompt_tokens, cfg.new_tokens, cfg.batch,
                         selected=statistics.fmean(selected) if selected else 0.1,
-                        memoised=getattr(options, "memoise", True))
+                        memoised=getattr(options, "memoise", True), image_size=cfg.image_size)
     workload = dataclasses.replace(workload, fresh=min(workload.selected, statistics.fmean(fresh)) if fresh else 0.0)
     cost = estimate(model_cfg, options, workload)
     decode = [s.decode_s for s in samples]
@@ -271,11 +299,13 @@ def _row(name: str, options: MethodConfig, samples: list[Sample], model_cfg: VLM
     return {
         "method": name, "options": cost.method,
         "prefill_ms": _stats([s.prefill_s for s in samples], 1e3),
+        "llm_prefill_ms": _stats([s.llm_prefill_s for s in samples], 1e3),
         "decode_ms": _stats(decode, 1e3),
         "tokens_per_s": cfg.batch / statistics.median(decode),
         "peak_mb": statistics.median(peaks) / 2**20 if peaks else None,
         "selected_fraction": workload.selected if selected else None,
         "prefill_flops": cost.prefill, "decode_flops": cost.decode_per_token,
+        "llm_prefill_flops": cost.part("prefill"),
     }
 
 
@@ -303,13 +333,15 @@ def _cpu_name() -> str:
 
 def table(results: dict[str, Any]) -> str:
     ref = results["reference"]
-    lines = [f"| method | prefill ms (min-max) | decode ms/token (min-max) | tokens/s | peak MB | prefill / {ref} "
-             f"measured (FLOPs) | decode / {ref} measured (FLOPs) |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| method | prefill ms (min-max) | LLM prefill ms | decode ms/token (min-max) | tokens/s | peak MB | "
+             f"prefill / {ref} measured (FLOPs) | LLM prefill / {ref} | decode / {ref} measured (FLOPs) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
-        p, d = r["prefill_ms"], r["decode_ms"]
+        p, q, d = r["prefill_ms"], r["llm_prefill_ms"], r["decode_ms"]
         peak = f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "-"
-        lines.append(f"| {r['method']} | {p['median']:.1f} ({p['min']:.1f}-{p['max']:.1f}) | {d['median']:.2f} "
-                     f"({d['min']:.2f}-{d['max']:.2f}) | {r['tokens_per_s']:.1f} | {peak} | "
+        lines.append(f"| {r['method']} | {p['median']:.1f} ({p['min']:.1f}-{p['max']:.1f}) | {q['median']:.1f} | "
+                     f"{d['median']:.2f} ({d['min']:.2f}-{d['max']:.2f}) | {r['tokens_per_s']:.1f} | {peak} | "
                      f"{r['prefill_ratio_measured']:.2f} ({r['prefill_ratio_predicted']:.2f}) | "
+                     f"{r['llm_prefill_ratio_measured']:.2f} ({r['llm_prefill_ratio_predicted']:.2f}) | "
                      f"{r['decode_ratio_measured']:.2f} ({r['decode_ratio_predicted']:.2f}) |")
     return "\n".join(lines)

@@ -16,6 +16,7 @@ ever materialising an fp32 copy. Pickled `.bin`/`.pt` files are refused, never u
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -39,18 +40,21 @@ LAYOUT_RULES: list[tuple[str, str]] = [
     (r"^lm_head\.", "language_model.lm_head."),
     (r"^model\.vision_tower\.", "vision_tower."),
     (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+    (r"^model\.image_newline$", "image_newline"),
     (r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model."),
 ]
 
 # Keys real checkpoints carry that no Loupe module reads (LLaVA never applies CLIP's
-# post-layernorm; old exports carry RoPE and position-id buffers).
-IGNORED = re.compile(r"^vision_tower\.vision_model\.post_layernorm\.|rotary_emb\.inv_freq$|position_ids$")
+# post-layernorm, OneVision neither SigLIP's nor its pooling head, where a checkpoint keeps
+# one; old exports carry RoPE and position-id buffers).
+IGNORED = re.compile(r"^vision_tower\.vision_model\.(post_layernorm|head)\.|rotary_emb\.inv_freq$|position_ids$")
 
 # (Loupe prefix, published llava-hf prefix); first match wins in either direction.
 PREFIXES: list[tuple[str, str]] = [
     ("vision_tower.layers.", "vision_tower.vision_model.encoder.layers."),
     ("vision_tower.", "vision_tower.vision_model."),
     ("projector.", "multi_modal_projector."),
+    ("packing.image_newline", "image_newline"),
     ("decoder.lm_head.", "language_model.lm_head."),
     ("decoder.", "language_model.model."),
     ("method.", "loupe_method."),
@@ -122,9 +126,22 @@ def read_config(folder: Path) -> tuple[VLMConfig, MethodConfig | None]:
     if not hf_file.exists():
         raise CheckpointError(f"{folder} has no config.json")
     try:
-        return VLMConfig.from_hf(json.loads(hf_file.read_text())), None
+        cfg = VLMConfig.from_hf(json.loads(hf_file.read_text()))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{hf_file} is not valid JSON: {e}") from None
+    return with_preprocessor(cfg, folder / "preprocessor_config.json"), None
+
+
+def with_preprocessor(cfg: VLMConfig, path: Path) -> VLMConfig:
+    """`cfg` with the pixel mean/std of a Hugging Face preprocessor_config.json, if there is one."""
+    if not path.is_file():
+        return cfg
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    mean, std = d.get("image_mean", cfg.image_mean), d.get("image_std", cfg.image_std)
+    return dataclasses.replace(cfg, image_mean=tuple(mean), image_std=tuple(std))
 
 
 def iter_tensors(files: list[Path], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
@@ -185,6 +202,8 @@ def assemble(cfg: VLMConfig, method: MethodConfig, named: Iterable[tuple[str | N
         if target_dtype is None and tensor.is_floating_point():
             target_dtype = resolve_dtype(tensor.dtype, dtype, device)
         state[name] = tensor.to(target_dtype) if tensor.is_floating_point() else tensor
+    if cfg.text.tie_word_embeddings:
+        state.pop("decoder.lm_head.weight", None)  # transformers' in-memory layout keeps the tied copy
     _check_keys(model, state, source, new_method=new_method)
     model.load_state_dict(state, strict=False, assign=True)
     _materialise_new(model, device, target_dtype or torch.float32)
@@ -304,6 +323,6 @@ def model_info(model: VLM) -> dict[str, object]:
         "dtype": str(model.dtype).removeprefix("torch."),
         "parameters": {"vision_tower": count(model.vision_tower), "projector": count(model.projector),
                        "decoder": count(model.decoder), "method": count(model.method), "total": count(model)},
-        "image_tokens_per_image": model.method.tokens_per_image(),
+        "image_tokens_per_image": model.method.tokens_label(),
         "config": model.cfg.to_dict(),
     }

@@ -210,6 +210,18 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--selected-ratio", type=float, default=0.1,
                    help="FlexAttention: fraction of HR tokens selected (paper: about 10%%)")
+    p.add_argument("--image-size", default=None, metavar="HxW",
+                   help="input image (height x width) for models whose image tokens depend on it (OneVision); "
+                        "default: the model's reference size")
+
+
+def _image_size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    h, sep, w = text.lower().partition("x")
+    if not sep or not h.strip().isdigit() or not w.strip().isdigit() or min(int(h), int(w)) < 1:
+        raise LoupeError(f"image size {text!r} is not HEIGHTxWIDTH in pixels, e.g. 2304x2304")
+    return int(h), int(w)
 
 
 def _add_flops(sub: argparse._SubParsersAction) -> None:
@@ -234,7 +246,8 @@ def cmd_flops(args: argparse.Namespace) -> int:
     from loupe.cost import flops_report
 
     workload = Workload(args.prompt_tokens, args.new_tokens, args.batch, selected=args.selected_ratio,
-                        memoised=not args.reproject, lm_head=args.lm_head, mix=_floats(args.mix, "--mix"))
+                        memoised=not args.reproject, lm_head=args.lm_head, mix=_floats(args.mix, "--mix"),
+                        image_size=_image_size(args.image_size))
     report = flops_report(args.preset, args.model, args.compare or ([args.method] if args.method else None), workload,
                           hr_size=args.hr_size, options=parse_options(args.option), convention=args.convention)
     print(json.dumps(report.to_json(), indent=2) if args.json else report.text())
@@ -271,14 +284,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig(methods, layers=args.layers or None, vision_layers=args.vision_layers or None,
                       dtype=DTYPES[args.dtype], device=args.device, batch=args.batch,
                       prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, reps=args.reps,
-                      warmup=args.warmup, seed=args.seed)
+                      warmup=args.warmup, seed=args.seed, image_size=_image_size(args.image_size))
     results = benchmark(preset(args.preset), cfg)
     results["preset"] = args.preset
     write_json(args.out, results)
     m = results["machine"]
     where = m.get("gpu") or f"{m['cpu']}, {m['threads']} threads"
+    image = f", {args.image_size} image" if args.image_size else ""
     print(f"{args.preset} cut to {args.layers or 'all'} decoder / {args.vision_layers or 'all'} encoder layers, "
-          f"{args.dtype}, batch {args.batch}, {args.prompt_tokens} text tokens, {args.new_tokens} new tokens, "
+          f"{args.dtype}{image}, batch {args.batch}, {args.prompt_tokens} text tokens, {args.new_tokens} new tokens, "
           f"{args.reps} interleaved reps, medians; {where}; torch {m['torch']}\n")
     print(table(results))
     print(f"\nratios: measured (predicted by loupe.cost FLOPs); JSON: {args.out}")

@@ -38,23 +38,26 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from loupe.config import TextConfig, VisionConfig, VLMConfig
+from loupe.config import SIGLIP_MEAN, SIGLIP_STD, TextConfig, VisionConfig, VLMConfig, default_pinpoints
 from loupe.errors import LoupeError
 from loupe.flops import CostPlan, Workload, decoder_layer, image_token_macs, lm_head, projector, vision_pass
-from loupe.methods import METHODS, MethodConfig, MethodReport, parse_method
-from loupe.tiny import synth_tiny_config, tiny_config
+from loupe.methods import MethodConfig, MethodReport, parse_method
+from loupe.methods.base import model_method_class
+from loupe.tiny import synth_tiny_config, tiny_config, tiny_onevision_config
 
 CONVENTIONS = ("flops", "image-macs")
 
 
 @dataclass(frozen=True)
 class Preset:
-    """Real model shapes. `class_token=False`: a SigLIP-style encoder (no class token),
-    which the cost model knows but Loupe's CLIP tower cannot run."""
+    """Real model shapes."""
 
     config: VLMConfig
     description: str
-    class_token: bool = True
+
+    @property
+    def class_token(self) -> bool:
+        return self.config.vision.class_token
 
 
 def _llava15(width: int, mlp: int, layers: int, heads: int) -> VLMConfig:
@@ -62,21 +65,33 @@ def _llava15(width: int, mlp: int, layers: int, heads: int) -> VLMConfig:
                                      num_kv_heads=heads))  # vision: the VisionConfig defaults, CLIP ViT-L/14-336
 
 
+def onevision_05b() -> VLMConfig:
+    """The published LLaVA-OneVision-0.5B config, as `VLMConfig.from_hf` reads it (vocabulary
+    152,000: Qwen2's 151,936 plus <image> and <video>, padded to a multiple of 64 by the
+    conversion script)."""
+    return VLMConfig(
+        vision=VisionConfig(hidden_size=1152, intermediate_size=4304, num_layers=26, num_heads=16, image_size=384,
+                            patch_size=14, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", class_token=False),
+        text=TextConfig(vocab_size=152000, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
+                        num_kv_heads=2, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=32768,
+                        qkv_bias=True, tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645,
+                        pad_token_id=None),
+        image_token_id=151646, feature_layer=-1, feature_strategy="full", vision_tower="siglip",
+        image_packing="anyres", chat_template="chatml", image_grid_pinpoints=default_pinpoints(384),
+        image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD)
+
+
 PRESETS: dict[str, Preset] = {
     "llava-1.5-7b": Preset(_llava15(4096, 11008, 32, 32), "CLIP ViT-L/14-336 (layer -2) + Vicuna-7B"),
     "llava-1.5-13b": Preset(_llava15(5120, 13824, 40, 40), "CLIP ViT-L/14-336 (layer -2) + Vicuna-13B"),
     "llava-ov-0.5b": Preset(
-        VLMConfig(vision=VisionConfig(hidden_size=1152, intermediate_size=4304, num_layers=26, num_heads=16,
-                                      image_size=378, patch_size=14, hidden_act="gelu"),
-                  text=TextConfig(vocab_size=151647, hidden_size=896, intermediate_size=4864, num_layers=24,
-                                  num_heads=14, num_kv_heads=2, rope_theta=1e6, tie_word_embeddings=True,
-                                  attention_bias=True, max_position_embeddings=32768),
-                  image_token_id=151646, feature_layer=-1),
-        "SigLIP-400M/14-384 (26 layers; a 384 px tile gives 27 x 27 = 729 patches, the 378 px it reads) + "
-        "Qwen2-0.5B; its AnyRes at 3x3+1 tiles is `--method hd -o tiles=true --hr-size 1134` "
-        "(the 81 row-newline tokens are not counted)",
-        class_token=False),
+        onevision_05b(),
+        "llava-hf/llava-onevision-qwen2-0.5b-ov-hf: SigLIP-so400m/14-384 cut to 26 layers (a 384 px tile gives "
+        "27 x 27 = 729 patches) + Qwen2-0.5B, AnyRes over 36 pinpoints with anyres_max_9; the default image "
+        "(2304 x 2304, `--image-size`) takes 729 + 81 x 82 = 7,371 tokens"),
     "tiny": Preset(tiny_config(), "the tiny random model of `loupe demo` and the tests"),
+    "tiny-ov": Preset(tiny_onevision_config(), "a tiny random LLaVA-OneVision (SigLIP tiles of 42 px, Qwen2), the "
+                      "tests' OneVision"),
     "synth-tiny": Preset(synth_tiny_config(), "the model `loupe reproduce` trains: 4-layer ViT (64 px, 8 px "
                          "patches) + 4-layer decoder of width 128 (vocabulary: the benchmark's BPE, up to 512)"),
 }
@@ -122,13 +137,16 @@ def preset(name: str) -> Preset:
 
 
 def estimate(cfg: VLMConfig, options: MethodConfig, workload: Workload | None = None, *,
-             convention: str = "flops", class_token: bool = True) -> Cost:
-    """The cost of `workload` on model `cfg` under method `options`."""
+             convention: str = "flops", class_token: bool | None = None) -> Cost:
+    """The cost of `workload` on model `cfg` under method `options` (`class_token` None: the
+    vision config's)."""
     if convention not in CONVENTIONS:
         raise LoupeError(f"unknown convention {convention!r}; choose one of {list(CONVENTIONS)}")
     w = workload or Workload()
-    options.validate(cfg)
-    plan = METHODS[options.name].cost_plan(cfg, options, w)
+    method_cls = model_method_class(cfg, options.name)
+    method_cls.validate_options(cfg, options)
+    plan = method_cls.cost_plan(cfg, options, w)
+    class_token = cfg.vision.class_token if class_token is None else class_token
     t = cfg.text
     seq = w.prompt_tokens + plan.image_tokens  # prompt length P
     image_layers = t.num_layers if plan.image_layers is None else plan.image_layers
@@ -149,8 +167,9 @@ def estimate(cfg: VLMConfig, options: MethodConfig, workload: Workload | None = 
         per_token = sum(step(seq + 1).values()) if w.new_tokens <= 1 else sum(decode.values()) / (w.new_tokens - 1)
         parts.update(decode)
     method = options.to_dict()
-    if hasattr(options, "resolved_hr_size"):
-        method["hr_size"] = options.resolved_hr_size(cfg)
+    hr = method_cls.hr_label(cfg, options)
+    if hr is not None:
+        method["hr_size"] = hr
     return Cost(method, convention, w.to_dict(), {k: w.batch * v for k, v in parts.items()},
                 w.batch * per_token, plan.image_tokens, _equivalent_tokens(t, image_macs))
 
@@ -234,12 +253,12 @@ def compare_table(costs: list[Cost]) -> str:
 
 
 def budgets(cfg: VLMConfig, options: MethodConfig, workload: Workload | None = None, *,
-            class_token: bool = True) -> dict[str, Any]:
+            class_token: bool | None = None) -> dict[str, Any]:
     """Every compute budget of one trained model (VISOR: one per configuration) against the
     method's dense reference (the same model with all image tokens in every layer).
     "LLM prefill" is every prefill part after the projector: decoder layers, LM head and the
     method's extras (VISOR's CA layers and router)."""
-    cls = METHODS[options.name]
+    cls = model_method_class(cfg, options.name)
     dense = cls.dense_reference(cfg, options)
     ref = estimate(cfg, dense, workload, class_token=class_token) if dense is not None else None
     rows = []
@@ -354,7 +373,7 @@ def flops_report(preset_name: str | None, model_dir: str | None, specs: list[str
     costs = [estimate(shapes.config, m, workload, convention=convention, class_token=shapes.class_token)
              for m in methods]
     method = methods[0]
-    several = len(costs) == 1 and len(METHODS[method.name].budgets(shapes.config, method)) > 1 \
-        and convention == "flops"
+    method_cls = model_method_class(shapes.config, method.name)
+    several = len(costs) == 1 and len(method_cls.budgets(shapes.config, method)) > 1 and convention == "flops"
     report = budgets(shapes.config, method, workload, class_token=shapes.class_token) if several else None
     return FlopsReport(source, shapes, workload, convention, costs, report)

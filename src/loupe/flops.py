@@ -34,6 +34,9 @@ class Workload:
     fresh: float = 0.0  # with memoised: fraction of HR tokens a decode step projects anew (0: selection repeats)
     lm_head: Literal["last", "all"] = "last"  # prefill logits for the last position only, or for all
     mix: tuple[float, ...] | None = None  # VISOR router: fraction of samples per configuration (cheapest first)
+    # (height, width) of the input image, for models whose image tokens depend on it (OneVision's
+    # AnyRes); None: the model's reference size (OneVision: its largest pinpoint, the most tokens)
+    image_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         for name in ("prompt_tokens", "new_tokens"):
@@ -47,6 +50,10 @@ class Workload:
             raise LoupeError(f"fresh={self.fresh} must be in [0, selected={self.selected}]")
         if self.lm_head not in ("last", "all"):
             raise LoupeError(f"lm_head={self.lm_head!r}; choose 'last' or 'all'")
+        if self.image_size is not None:
+            object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
+            if len(self.image_size) != 2 or min(self.image_size) < 1:
+                raise LoupeError(f"image_size={list(self.image_size)} must be (height, width), both positive")
         if self.mix is not None:
             object.__setattr__(self, "mix", tuple(float(f) for f in self.mix))
             if any(not 0 <= f <= 1 for f in self.mix) or abs(sum(self.mix) - 1) > 1e-6:

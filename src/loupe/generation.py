@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import torch
 
 from loupe.errors import LoupeError
-from loupe.images import ImageProcessor, load_image
+from loupe.images import load_image
 from loupe.methods import ImageInputs, MethodReport, RunOptions
-from loupe.text import Tokenizer, llava_prompt
+from loupe.text import Tokenizer, prompt
 from loupe.vlm import VLM
 
 
@@ -110,14 +110,13 @@ def generate(
 def answer(model: VLM, tok: Tokenizer, image: str | os.PathLike[str], question: str, sampling: SamplingConfig,
            run: RunOptions | None = None, on_token: Callable[[torch.Tensor], None] | None = None,
            on_report: Callable[[MethodReport], None] | None = None) -> str:
-    """The answer to `question` about the image file `image`, in the LLaVA-1.5 template (the
-    image's original size passed along, so that methods zero its square-padding margin)."""
-    picture = load_image(image)
-    pixels = ImageProcessor(size=model.method.image_size()).batch([picture])
-    ids, mask = tok.pad_left([tok.encode(llava_prompt(question), model.method.tokens_per_image())])
-    sizes = torch.tensor([[picture.height, picture.width]])
-    out = generate(model, ids, pixels, mask, sampling, on_token=on_token, image_sizes=sizes, run=run,
-                   on_report=on_report)
+    """The answer to `question` about the image file `image`, in the model's chat template (the
+    image's original size passed along: methods zero its square-padding margin, OneVision
+    chooses its tile grid by it)."""
+    images = model.prepare_images([load_image(image)])
+    ids, mask = tok.pad_left([tok.encode(prompt(model.cfg.chat_template, question), images.tokens)])
+    out = generate(model, ids, images.pixel_values, mask, sampling, on_token=on_token,
+                   image_sizes=images.image_sizes, run=run, on_report=on_report)
     return tok.decode([t for t in out[0].tolist() if t not in sampling.stop_tokens])
 
 

@@ -1,9 +1,11 @@
-"""Tokenizer (a checkpoint's `tokenizer.json` through `tokenizers`), the LLaVA-1.5
-conversation template, and expansion of `<image>` into image-token ids."""
+"""Tokenizer (a checkpoint's `tokenizer.json` through `tokenizers`), the conversation
+templates (LLaVA-1.5's vicuna_v1, OneVision's ChatML), and expansion of `<image>` into
+image-token ids."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,25 @@ def llava_prompt(question: str, system: str | None = LLAVA_SYSTEM, image: bool =
     head = f"{system} " if system else ""
     body = f"{IMAGE_PLACEHOLDER}\n{question}" if image and IMAGE_PLACEHOLDER not in question else question
     return f"{head}USER: {body} ASSISTANT:"
+
+
+def chatml_prompt(question: str, system: str | None = None, image: bool = True) -> str:
+    """LLaVA-OneVision's template (its processor's `apply_chat_template` with the image first and
+    `add_generation_prompt=True`): `<|im_start|>user\n<image>\n{q}<|im_end|>\n<|im_start|>assistant\n`.
+    The published processor adds no system turn unless one is given."""
+    head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+    body = f"{IMAGE_PLACEHOLDER}\n{question}" if image and IMAGE_PLACEHOLDER not in question else question
+    return f"{head}<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n"
+
+
+# `VLMConfig.chat_template` -> the single-turn prompt of that template.
+PROMPTS: dict[str, Callable[[str], str]] = {"vicuna_v1": llava_prompt, "chatml": chatml_prompt}
+
+
+def prompt(template: str, question: str) -> str:
+    if template not in PROMPTS:
+        raise LoupeError(f"unknown chat template {template!r}; Loupe has {sorted(PROMPTS)}")
+    return PROMPTS[template](question)
 
 
 @dataclass
@@ -48,8 +69,9 @@ class Tokenizer:
         pad = inner.token_to_id("<pad>")
         return cls(inner, image_token_id, bos, eos, pad if pad is not None else (eos or 0))
 
-    def encode(self, text: str, tokens_per_image: int = 1, add_bos: bool = True) -> list[int]:
-        """Token ids of `text`, each `<image>` expanded to `tokens_per_image` image ids.
+    def encode(self, text: str, tokens_per_image: int | list[int] = 1, add_bos: bool = True) -> list[int]:
+        """Token ids of `text`, each `<image>` expanded to `tokens_per_image` image ids (one
+        count for every image, or a count per image in order, as OneVision's vary by size).
 
         `<image>` is an added token, so it is split out before the model's pre-tokenizer
         runs and expanding ids afterwards equals tokenising the expanded string.
@@ -57,9 +79,15 @@ class Tokenizer:
         ids = self.inner.encode(text, add_special_tokens=False).ids
         if add_bos and self.bos_id is not None:
             ids = [self.bos_id, *ids]
+        slots = sum(i == self.image_token_id for i in ids)
+        counts = [tokens_per_image] * slots if isinstance(tokens_per_image, int) else list(tokens_per_image)
+        if len(counts) != slots:
+            raise LoupeError(f"the prompt holds {slots} {IMAGE_PLACEHOLDER} placeholder(s) but {len(counts)} "
+                             f"image(s) were given")
         out: list[int] = []
+        images = iter(counts)
         for i in ids:
-            out.extend([i] * tokens_per_image if i == self.image_token_id else [i])
+            out.extend([i] * next(images) if i == self.image_token_id else [i])
         return out
 
     def decode(self, ids: list[int]) -> str:

@@ -14,7 +14,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from loupe.checkpoints import save_pretrained
-from loupe.config import TextConfig, VisionConfig, VLMConfig
+from loupe.config import SIGLIP_MEAN, SIGLIP_STD, TextConfig, VisionConfig, VLMConfig, default_pinpoints
 from loupe.vlm import VLM
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
@@ -49,13 +49,42 @@ def synth_tiny_config(vocab_size: int = 512) -> VLMConfig:
         image_token_id=4, feature_layer=-1)
 
 
-def tiny_tokenizer(vocab_size: int = 256, corpus: list[str] | None = None) -> Tokenizer:
-    """Byte-level BPE with LLaVA's special tokens at ids 0..4 (`<image>` = 4), trained on
-    `corpus` (default: a few LLaVA-style sentences)."""
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+CHATML_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]  # Qwen2's, OneVision's <image>
+CHATML_CORPUS = [
+    "<|im_start|>user\nWhat is in the image?<|im_end|>\n<|im_start|>assistant\nA red circle.",
+    "Describe the picture in detail. What colour is the square? Where is the triangle?",
+]
+
+
+def tiny_onevision_config(vocab_size: int = 300, tile: int = 42, layers: int = 2) -> VLMConfig:
+    """A tiny LLaVA-OneVision: SigLIP tiles of `tile` px (3 x 3 patches of 14 = 9 tokens), a
+    Qwen2 decoder (q/k/v bias, tied embeddings), OneVision's 36 pinpoints at that tile size
+    and its anyres_max_9 cap, `<image>` = 3 as in `tiny_chatml_tokenizer`."""
+    return VLMConfig(
+        vision=VisionConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, image_size=tile,
+                            patch_size=14, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", class_token=False),
+        text=TextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=layers, num_heads=4,
+                        num_kv_heads=2, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=2048,
+                        qkv_bias=True, tie_word_embeddings=True, bos_token_id=None, eos_token_id=2, pad_token_id=0),
+        image_token_id=3, feature_layer=-1, feature_strategy="full", vision_tower="siglip", image_packing="anyres",
+        chat_template="chatml", image_grid_pinpoints=default_pinpoints(tile), image_mean=SIGLIP_MEAN,
+        image_std=SIGLIP_STD)
+
+
+def tiny_chatml_tokenizer(vocab_size: int = 300) -> Tokenizer:
+    """Byte-level BPE with Qwen2's special tokens and OneVision's `<image>` at ids 0..3."""
+    return tiny_tokenizer(vocab_size, CHATML_CORPUS, CHATML_SPECIAL_TOKENS)
+
+
+def tiny_tokenizer(vocab_size: int = 256, corpus: list[str] | None = None,
+                   special_tokens: list[str] | None = None) -> Tokenizer:
+    """Byte-level BPE with LLaVA's special tokens at ids 0..4 (`<image>` = 4) or `special_tokens`,
+    trained on `corpus` (default: a few LLaVA-style sentences)."""
+    specials = special_tokens or SPECIAL_TOKENS
+    tok = Tokenizer(models.BPE(unk_token="<unk>" if "<unk>" in specials else None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus or CORPUS, trainer)
     return tok
@@ -73,11 +102,13 @@ def init_random_(module: torch.nn.Module, std: float = 0.02) -> torch.nn.Module:
 
 
 def write_tiny_checkpoint(path: str | os.PathLike[str], seed: int = 0, overwrite: bool = False,
-                          cfg: VLMConfig | None = None) -> Path:
-    """A random tiny LLaVA folder at `path` (config.json, model.safetensors, tokenizer.json)."""
+                          cfg: VLMConfig | None = None, onevision: bool = False) -> Path:
+    """A random tiny LLaVA (or, with `onevision`, LLaVA-OneVision) folder at `path`
+    (config.json, model.safetensors, tokenizer.json)."""
     torch.manual_seed(seed)
-    tok = tiny_tokenizer()
-    cfg = cfg or tiny_config(vocab_size=tok.get_vocab_size())
+    tok = tiny_chatml_tokenizer() if onevision else tiny_tokenizer()
+    default = tiny_onevision_config if onevision else tiny_config
+    cfg = cfg or default(vocab_size=tok.get_vocab_size())
     model = init_random_(VLM(cfg), std=0.05)
     save_pretrained(model, path, overwrite=overwrite)
     tok.save(str(Path(path) / "tokenizer.json"))

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from PIL import Image
 from torch import nn
 
 from loupe.config import VisionConfig, VLMConfig
@@ -20,12 +21,12 @@ from loupe.nn.attention import KERNELS, Kernel
 from loupe.nn.decoder import Decoder
 from loupe.nn.kv_cache import DecoderCache, Segment
 from loupe.nn.tokens import RopeSpec, TokenSet
-from loupe.nn.vit import Projector, VisionTower
-from loupe.packing import build_packing
+from loupe.nn.vit import Projector, SiglipTower, VisionTower
+from loupe.packing import PreparedImages, build_packing
 
 # The model family's replaceable parts, chosen by name in `VLMConfig` (see `loupe.packing`
-# for the image packing). OneVision's SigLIP tower registers beside CLIP's.
-VISION_TOWERS: dict[str, Callable[[VisionConfig], VisionTower]] = {"clip": VisionTower}
+# for the image packing).
+VISION_TOWERS: dict[str, Callable[[VisionConfig], VisionTower]] = {"clip": VisionTower, "siglip": SiglipTower}
 PROJECTORS: dict[str, Callable[[VLMConfig], nn.Module]] = {"mlp2x_gelu": Projector}
 
 
@@ -68,6 +69,13 @@ class VLM(nn.Module):
         return self
 
     # ---- images ---------------------------------------------------------------------
+    def prepare_images(self, images: list[Image.Image]) -> PreparedImages:
+        """PIL images -> pixel_values, image_sizes and <image> ids per image, as this model
+        family and method take them (LLaVA-1.5: one square image; OneVision: AnyRes tiles)."""
+        if not images:
+            raise LoupeError("prepare_images needs at least one image")
+        return self.packing.prepare(images, self.method)
+
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixels (I, 3, S, S) -> projected tokens (I, N, W); S a multiple of the patch size."""
         self._check_pixels(pixel_values)
@@ -76,11 +84,11 @@ class VLM(nn.Module):
         return self.projector(feats)  # (I, N, W)
 
     def _check_pixels(self, pixel_values: torch.Tensor) -> None:
-        patch, channels = self.cfg.vision.patch_size, self.cfg.vision.num_channels
+        patch, channels, native = self.cfg.vision.patch_size, self.cfg.vision.num_channels, self.cfg.vision.image_size
         shape = tuple(pixel_values.shape)
-        if len(shape) != 4 or shape[1] != channels or shape[2] != shape[3] or shape[2] % patch:
+        if len(shape) != 4 or shape[1] != channels or shape[2] != shape[3] or (shape[2] % patch and shape[2] != native):
             raise LoupeError(f"pixel_values of shape {shape}: expected (images, {channels}, S, S) "
-                             f"with S a multiple of the patch size {patch}")
+                             f"with S a multiple of the patch size {patch} (or the tower's native {native})")
         if not torch.isfinite(pixel_values).all():
             raise LoupeError("pixel_values contain NaN or infinity")
 
@@ -159,8 +167,7 @@ class VLM(nn.Module):
         try:
             return self.packing.pack(x, image_mask, None if images is None else images.sequence)
         except LoupeError as e:
-            raise LoupeError(f"{e} ({self.method.tokens_per_image()} per image for method "
-                             f"{self.method.name!r})") from None
+            raise LoupeError(f"{e}, for method {self.method.name!r}") from None
 
     def _check_positions(self, positions: torch.Tensor) -> None:
         limit = self.cfg.text.max_position_embeddings

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -90,9 +91,12 @@ class ImageFeatures:
 class ImageInputs:
     """What `Method.encode` produced for a batch of images."""
 
-    sequence: torch.Tensor  # (I, N, W) features placed in the sequence at the <image> positions
+    # (I, N, W) features placed in the sequence at the <image> positions, or per image (N_i, W)
+    # where images differ in length (OneVision's AnyRes)
+    sequence: torch.Tensor | list[torch.Tensor]
     hr: torch.Tensor | None = None  # (I, M, W) HR features kept beside the sequence (FlexAttention, XAttn)
     image_sizes: torch.Tensor | None = None  # (I, 2) original (height, width), for methods that need it
+    hr_valid: torch.Tensor | None = None  # (I, M) False at padding, where images' HR lengths differ (OneVision)
 
 
 @dataclass
@@ -197,12 +201,27 @@ class Method(nn.Module):
 
     def __init__(self, cfg: VLMConfig, options: MethodConfig) -> None:
         super().__init__()
-        options.validate(cfg)
+        self.validate_options(cfg, options)
         self.cfg, self.options = cfg, options
+
+    @classmethod
+    def validate_options(cls, cfg: VLMConfig, options: MethodConfig) -> None:
+        """Raise a ConfigError if `options` do not fit model `cfg` for this form of the method
+        (a family's form may check them otherwise, e.g. OneVision's has no hr_size)."""
+        options.validate(cfg)
 
     def tokens_per_image(self) -> int:
         """How many <image> ids input_ids must carry for each image."""
         return self.cfg.tokens_per_image
+
+    def tokens_for(self, height: int, width: int) -> int:
+        """<image> ids for one image of (height, width) original pixels (OneVision's count
+        depends on it; LLaVA-1.5's does not)."""
+        return self.tokens_per_image()
+
+    def tokens_label(self) -> str:
+        """The image tokens per image, as `loupe info` shows them."""
+        return str(self.tokens_per_image())
 
     def image_size(self) -> int:
         """Side in pixels of the images this method takes (the HR size for HR methods)."""
@@ -263,6 +282,12 @@ class Method(nn.Module):
         return CostPlan(image_tokens=n, vision={"vision.lr": (cfg.vision.image_size, 1)}, projector_rows=n)
 
     @classmethod
+    def hr_label(cls, cfg: VLMConfig, options: MethodConfig) -> int | None:
+        """The HR image side that tells runs of this method apart (`flexattn@1008`); None: none."""
+        hr = getattr(options, "resolved_hr_size", None)
+        return hr(cfg) if hr else None
+
+    @classmethod
     def budgets(cls, cfg: VLMConfig, options: MethodConfig) -> list[MethodConfig]:
         """The compute budgets one trained model of this method can run at (VISOR: one per
         configuration), cheapest first; most methods have just the one."""
@@ -276,11 +301,23 @@ class Method(nn.Module):
 
 
 METHODS: dict[str, type[Method]] = {}
+# Image packings whose inputs differ from LLaVA-1.5's (OneVision's "anyres"): the methods that
+# have a form there, by name. A method absent from its model's table is refused, not misrun.
+FAMILY_METHODS: dict[str, dict[str, type[Method]]] = {}
+FAMILY_NAMES = {"anyres": "LLaVA-OneVision"}
 
 
 def register(cls: type[Method]) -> type[Method]:
     METHODS[cls.name] = cls
     return cls
+
+
+def register_family(packing: str) -> Callable[[type[Method]], type[Method]]:
+    """Register `cls` as the form of its method (by name) on models of `packing`."""
+    def add(cls: type[Method]) -> type[Method]:
+        FAMILY_METHODS.setdefault(packing, {})[cls.name] = cls
+        return cls
+    return add
 
 
 def method_options(name: str, **options: Any) -> MethodConfig:
@@ -324,9 +361,9 @@ def parse_method(spec: str, hr_size: int | None = None, **options: Any) -> Metho
 
 def method_label(options: MethodConfig, cfg: VLMConfig) -> str:
     """`flexattn@1008`, `visor@672 [min]`: a method and what tells this run of it apart."""
-    hr = getattr(options, "resolved_hr_size", None)
+    hr = model_method_class(cfg, options.name).hr_label(cfg, options)
     variant = options.variant(cfg)
-    return options.name + (f"@{hr(cfg)}" if hr else "") + (f" [{variant}]" if variant else "")
+    return options.name + (f"@{hr}" if hr else "") + (f" [{variant}]" if variant else "")
 
 
 def saved_method_options(name: str, **saved: Any) -> MethodConfig:
@@ -336,7 +373,20 @@ def saved_method_options(name: str, **saved: Any) -> MethodConfig:
 
 
 def build_method(cfg: VLMConfig, options: MethodConfig) -> Method:
-    return _method_class(options.name)(cfg, options)
+    return model_method_class(cfg, options.name)(cfg, options)
+
+
+def model_method_class(cfg: VLMConfig, name: str) -> type[Method]:
+    """The class that runs method `name` on model `cfg` (its family's form where it has one)."""
+    cls = _method_class(name)
+    table = FAMILY_METHODS.get(cfg.image_packing)
+    if table is None:
+        return cls
+    if name not in table:
+        family = FAMILY_NAMES.get(cfg.image_packing, cfg.image_packing)
+        raise ConfigError(f"method {name!r} has no {family} form yet (image_packing={cfg.image_packing!r}); "
+                          f"on this model choose one of {sorted(table)}")
+    return table[name]
 
 
 def _method_class(name: str) -> type[Method]:

@@ -82,6 +82,10 @@ class FlexAttnConfig(TiledConfig):
 
     def validate(self, cfg: VLMConfig) -> None:
         super().validate(cfg)
+        self.validate_selection(cfg, self.resolved_hr_size(cfg) // cfg.vision.patch_size)
+
+    def validate_selection(self, cfg: VLMConfig, hr_grid: int) -> None:
+        """Everything but how the HR tokens are made; `hr_grid`: the HR grid's (shorter) side."""
         layers, first = cfg.text.num_layers, self.resolved_first_layer(cfg)
         if not 1 <= first < layers:
             raise ConfigError(f"first_layer={first} is out of range: it must be in 1..{layers - 1} (the layer "
@@ -92,7 +96,6 @@ class FlexAttnConfig(TiledConfig):
             raise ConfigError(f"budget={self.budget} must be in (0, 1]")
         if not 0 < self.ablation_ratio <= 1:
             raise ConfigError(f"ablation_ratio={self.ablation_ratio} must be in (0, 1]")
-        hr_grid = self.resolved_hr_size(cfg) // cfg.vision.patch_size
         if not 1 <= self.pool <= min(cfg.vision.grid, hr_grid):
             raise ConfigError(f"pool={self.pool} must be in 1..{min(cfg.vision.grid, hr_grid)}")
         if self.strategy not in selection.STRATEGIES:
@@ -135,9 +138,11 @@ class FlexState:
     hr_rope: Rope  # (B, M, D) angles of the HR keys
     image_cols: torch.Tensor  # (B, N) key index of each LR image token
     allowed: torch.Tensor  # (B, g, g) False on the square-padding margin
+    hr_valid: torch.Tensor  # (B, M) False at padding HR slots (images of different HR lengths)
     memo_k: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, G, M, D) rotated keys
     memo_v: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, G, M, D)
     memo_done: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, M) projected yet
+    hr_grids: list[tuple[int, int]] | None = None  # per image (rows, cols) of its HR grid, where they differ
     memoise: bool = False  # keep projections across calls (generation with a cache)
     projected: int = 0  # HR tokens projected so far in this request (all layers)
 
@@ -229,7 +234,7 @@ class FlexAttention(HighResMethod):
         prefill all S, at a memoised decode step only the fresh ones. A decode step's row
         recomputation replaces the fused pass, so it costs nothing extra there."""
         assert isinstance(options, FlexAttnConfig)
-        plan, m = tiled_plan(cfg, options.resolved_hr_size(cfg))
+        plan, m = cls.hr_plan(cfg, options, workload)
         t = cfg.text
         hierarchical = t.num_layers - options.resolved_first_layer(cfg)
         kv = t.num_kv_heads * t.head_dim
@@ -247,6 +252,11 @@ class FlexAttention(HighResMethod):
         plan.prefill_extra, plan.decode_extra = prefill, lambda keys: hr(fresh)
         plan.image_parts = ("hr_attention", "hr_projection")
         return plan
+
+    @classmethod
+    def hr_plan(cls, cfg: VLMConfig, options: FlexAttnConfig, workload: Workload) -> tuple[CostPlan, int]:
+        """The encoder's part of the plan, and M: the k x k tiles' tokens."""
+        return tiled_plan(cfg, options.resolved_hr_size(cfg))
 
     def assemble(self, features: ImageFeatures, image_sizes: torch.Tensor | None = None) -> ImageInputs:
         hr = self.hr_of(features)  # (I, M, W)
@@ -278,10 +288,9 @@ class FlexAttention(HighResMethod):
             if i + 1 < len(vlm.decoder.layers):  # the last layer has no next layer to select for
                 sel = self._select(attn_lr, req, row_valid, boxes)  # (B, R, M) for layer i + 1
                 report.selection[i + 1] = sel
-                report.selected_fraction[i + 1] = _fraction(sel, row_valid)
+                report.selected_fraction[i + 1] = _fraction(sel, row_valid, req.hr_valid)
         hr_layers = len(vlm.decoder.layers) - self.first
-        report.projected_fraction = (req.projected - projected_before) / (req.hr.shape[0] * req.hr.shape[1]
-                                                                          * hr_layers)
+        report.projected_fraction = (req.projected - projected_before) / (float(req.hr_valid.sum()) * hr_layers)
         return x, report
 
     def _official(self) -> bool:
@@ -319,10 +328,15 @@ class FlexAttention(HighResMethod):
         if boxes is not None:  # the oracle: every row of a sample selects its tag's blocks
             strategy, ratio = "oracle", boxes[1]
             row_boxes = boxes[0][:, None].expand(b, r, 4).reshape(b * r, 4)
-        flat = selection.select(attn_lr.reshape(b * r, g, g), allowed, hr_grid=self.hr_grid, pool=o.pool,
-                                threshold=o.threshold, strategy=strategy,  # type: ignore[arg-type]
-                                budget=o.budget, ablation_ratio=ratio, boxes=row_boxes)
-        return flat.view(b, r, -1) & row_valid[..., None]  # (B, R, M)
+        blocks = selection.select_blocks(attn_lr.reshape(b * r, g, g), allowed, pool=o.pool, threshold=o.threshold,
+                                         strategy=strategy,  # type: ignore[arg-type]
+                                         budget=o.budget, ablation_ratio=ratio, boxes=row_boxes)  # (B*R, P, P)
+        return self._spread(blocks.view(b, r, o.pool, o.pool), req) & row_valid[..., None]  # (B, R, M)
+
+    def _spread(self, blocks: torch.Tensor, req: FlexState) -> torch.Tensor:
+        """Blocks (B, R, P, P) -> the HR tokens they hold (B, R, M): nearest over the square HR grid."""
+        b, r, p, _ = blocks.shape
+        return selection.upsample(blocks.view(b * r, p, p), self.hr_grid).view(b, r, -1)
 
     def _hr_keys(self, i: int, req: FlexState, sel: torch.Tensor, gate: float) -> ExtraKeys:
         """Keys/values of the HR tokens any row of a sample selected, and each row's mask."""
@@ -383,13 +397,19 @@ class FlexAttention(HighResMethod):
                              f"{counts.tolist()} image tokens for a batch of {batch} ({n} tokens per image)")
         offset = step.key_valid.shape[1] - step.image_mask.shape[1]  # keys cached before this call
         image_cols = offset + torch.nonzero(step.image_mask)[:, 1].view(batch, n)  # (B, N)
-        req = FlexState(hr, self._hr_rope(step.ctx.rope, image_cols - offset), image_cols,
-                        selection.margin_allowed(step.images.image_sizes, batch, self.cfg.vision.grid, hr.device),
+        valid = step.images.hr_valid
+        req = FlexState(hr, self._hr_rope(step.ctx.rope, image_cols - offset, step.images), image_cols,
+                        self._allowed(step.images, batch, hr.device),
+                        valid.to(hr.device) if valid is not None else hr.new_ones(hr.shape[:2], dtype=torch.bool),
                         memoise=self.options.memoise and step.cache is not None)
         keep_state(step, req)
         return req
 
-    def _hr_rope(self, rope: Rope, cols: torch.Tensor) -> Rope:
+    def _allowed(self, images: ImageInputs, batch: int, device: torch.device) -> torch.Tensor:
+        """(B, g, g) LR cells selection may use: not the square-padding margin."""
+        return selection.margin_allowed(images.image_sizes, batch, self.cfg.vision.grid, device)
+
+    def _hr_rope(self, rope: Rope, cols: torch.Tensor, images: ImageInputs) -> Rope:
         """HR key angles: cos/sin at the LR image positions, (g, g) grid, bicubic to HR grid."""
         g, b = self.cfg.vision.grid, cols.shape[0]
         lr = rope.select(cols)  # (B, N, D)
@@ -413,7 +433,7 @@ class FlexAttention(HighResMethod):
         return torch.where(valid, order, t - 1), valid
 
 
-def _fraction(sel: torch.Tensor, row_valid: torch.Tensor) -> torch.Tensor:
-    """Mean selected fraction of HR tokens per sample over its real rows: (B,)."""
-    per_row = sel.float().mean(-1)  # (B, R)
+def _fraction(sel: torch.Tensor, row_valid: torch.Tensor, hr_valid: torch.Tensor) -> torch.Tensor:
+    """Mean selected fraction of a sample's (real) HR tokens over its real rows: (B,)."""
+    per_row = sel.float().sum(-1) / hr_valid.sum(-1, keepdim=True).clamp_min(1)  # (B, R)
     return (per_row * row_valid).sum(1) / row_valid.sum(1).clamp_min(1)

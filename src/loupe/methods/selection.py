@@ -116,10 +116,29 @@ def never_empty(blocks: torch.Tensor, attn: torch.Tensor | None) -> torch.Tensor
     return torch.where(empty[:, None, None], fallback, blocks)
 
 
-def upsample(blocks: torch.Tensor, grid: int) -> torch.Tensor:
-    """(R, P, P) bool -> (R, M) bool over the G x G HR tokens (nearest)."""
-    up = F.interpolate(blocks[:, None].float(), size=(grid, grid), mode="nearest")  # (R, 1, G, G)
+def upsample(blocks: torch.Tensor, grid: int | tuple[int, int]) -> torch.Tensor:
+    """(R, P, P) bool -> (R, M) bool over the G x G (or rows x cols) HR tokens (nearest)."""
+    size = (grid, grid) if isinstance(grid, int) else grid
+    up = F.interpolate(blocks[:, None].float(), size=size, mode="nearest")  # (R, 1, G, G)
     return up[:, 0].flatten(1) > 0
+
+
+def overlap(cells: int, blocks: int, device: torch.device) -> torch.Tensor:
+    """(cells, blocks) float: 1 where cell i of a side split into `cells` overlaps block p of
+    the same side split into `blocks` (open intervals: touching is not overlapping)."""
+    i = torch.arange(cells, device=device)[:, None]
+    p = torch.arange(blocks, device=device)[None]
+    return ((i * blocks < (p + 1) * cells) & (p * cells < (i + 1) * blocks)).float()
+
+
+def spread(blocks: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """(R, P, P) bool -> (R, rows*cols) bool: every HR token whose cell overlaps a selected block.
+    On a grid that is a multiple of P this is exactly `upsample` (nearest); on any other grid
+    (OneVision's H x L) no selected block is lost, however few rows the grid has."""
+    p = blocks.shape[-1]
+    a_r, a_c = overlap(rows, p, blocks.device), overlap(cols, p, blocks.device)  # (rows, P), (cols, P)
+    hit = a_r @ blocks.float() @ a_c.T  # (R, rows, cols): selected blocks each cell overlaps
+    return hit.flatten(1) > 0
 
 
 def margin_allowed(image_sizes: torch.Tensor | None, batch: int, g: int, device: torch.device) -> torch.Tensor:
@@ -148,6 +167,14 @@ def select(attn: torch.Tensor, allowed: torch.Tensor, *, hr_grid: int, pool: int
            generator: torch.Generator | None = None, boxes: torch.Tensor | None = None) -> torch.Tensor:
     """HR token mask (R, M) from LR-column attention (R, g, g) and allowed cells (R, g, g)
     (`oracle`: from the rows' tag boxes (R, 4) instead)."""
+    return upsample(select_blocks(attn, allowed, pool=pool, threshold=threshold, strategy=strategy, budget=budget,
+                                  ablation_ratio=ablation_ratio, generator=generator, boxes=boxes), hr_grid)
+
+
+def select_blocks(attn: torch.Tensor, allowed: torch.Tensor, *, pool: int, threshold: float, strategy: Strategy,
+                  budget: float | None, ablation_ratio: float, generator: torch.Generator | None = None,
+                  boxes: torch.Tensor | None = None) -> torch.Tensor:
+    """The selected blocks (R, P, P) of `select`, before they are spread over an HR grid."""
     r, device = attn.shape[0], attn.device
     if strategy == "oracle":
         if boxes is None:
@@ -160,4 +187,4 @@ def select(attn: torch.Tensor, allowed: torch.Tensor, *, hr_grid: int, pool: int
         blocks = never_empty(random_blocks(r, pool, ablation_ratio, device, generator), None)
     else:
         blocks = center_blocks(r, pool, ablation_ratio, device)
-    return upsample(blocks, hr_grid)
+    return blocks

@@ -127,6 +127,10 @@ class VisorConfig(TiledConfig):
 
     def validate(self, cfg: VLMConfig) -> None:
         super().validate(cfg)
+        self.validate_layers(cfg)
+
+    def validate_layers(self, cfg: VLMConfig) -> None:
+        """The layer placement and configurations (apart from how the visual tokens are made)."""
         for what, value in (("ca_layers", self.ca_layers), ("sa_layers", self.sa_layers)):
             if value is not None and not (isinstance(value, list) and all(isinstance(i, int) for i in value)):
                 raise ConfigError(f"{what}={value!r} must be a list of layer indices, e.g. [0, 3]")
@@ -267,6 +271,14 @@ class Visor(HighResMethod):
     def assemble(self, features: ImageFeatures, image_sizes: torch.Tensor | None = None) -> ImageInputs:
         return ImageInputs(torch.cat([features.lr, self.hr_of(features)], dim=1))  # (I, N + M, W)
 
+    def check_image_tokens(self, counts: torch.Tensor, images: ImageInputs) -> None:
+        """Refuse a batch that is not one image per sample of the expected length (the two
+        streams are gathered as (B, Nv, W), so every sample has the same Nv)."""
+        expected = self.tokens_per_image()
+        if bool((counts != expected).any()):
+            raise LoupeError(f"visor takes exactly one image per sample ({expected} image tokens); the batch "
+                             f"holds {counts.tolist()} image tokens per sample")
+
     # ---- configurations ----------------------------------------------------------------------------
     def masks(self, configurations: Sequence[Sequence[int]]) -> torch.Tensor:
         """SA-layer sets -> (len, L) bool masks; each must be a subset of the SA layers."""
@@ -351,10 +363,7 @@ class Visor(HighResMethod):
         if step.images is not None:
             if kept is not None:
                 raise LoupeError("visor takes its image in the first call of a request (the prefill)")
-            expected = self.tokens_per_image()
-            if bool((counts != expected).any()):
-                raise LoupeError(f"visor takes exactly one image per sample ({expected} image tokens); the batch "
-                                 f"holds {counts.tolist()} image tokens per sample")
+            self.check_image_tokens(counts, step.images)
             sa = self._initial_sa(batch, run)
             state = VisorState(sa, new_visual, []) if step.cache is not None else None
             if state is not None:
@@ -461,7 +470,7 @@ class Visor(HighResMethod):
         what the model is, saved with it - not a per-call choice (those are `VisorRun`)."""
         options = dataclasses.replace(self.options, configurations=[sorted(c) for c in configurations],
                                       configuration=configuration)
-        options.validate(self.cfg)
+        self.validate_options(self.cfg, options)
         self.options = options
         self.configurations = options.resolved_configurations(self.cfg)
         self.reset_router()
@@ -489,8 +498,7 @@ class Visor(HighResMethod):
         convolution) once per request; the router's row and MLP when routing. A router's mix
         of configurations is `workload.mix` (fractions in configuration order)."""
         assert isinstance(options, VisorConfig)
-        plan, m = tiled_plan(cfg, options.resolved_hr_size(cfg))
-        nv = cfg.tokens_per_image + m
+        plan, nv = cls.visual_plan(cfg, options, workload)
         configs = options.resolved_configurations(cfg)
         mix = _mix(options, workload, len(configs))
         sa = options.resolved_sa(cfg)
@@ -523,13 +531,18 @@ class Visor(HighResMethod):
             return parts
 
         plan.image_tokens = nv
-        plan.projector_rows = nv
         plan.prefill_llm, plan.decode_llm = llm_prefill, llm_decode
         plan.image_layers = sum(layers)
         plan.prefill_extra = prefill_extra
         plan.decode_extra = lambda keys: {"cross_attention": len(ca) * cross(1)}
         plan.image_parts = ("cross_attention", "cross_kv")
         return plan
+
+    @classmethod
+    def visual_plan(cls, cfg: VLMConfig, options: VisorConfig, workload: Workload) -> tuple[CostPlan, int]:
+        """The encoder's part of the plan, and Nv: LR + the k x k HR tiles."""
+        plan, m = tiled_plan(cfg, options.resolved_hr_size(cfg))
+        return plan, cfg.tokens_per_image + m
 
     @classmethod
     def budgets(cls, cfg: VLMConfig, options: MethodConfig) -> list[MethodConfig]:

@@ -48,6 +48,7 @@ class XAttnState:
     """Per request: each layer's HR keys and values (B, H, M, D), projected at prefill."""
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]
+    mask: torch.Tensor | None = None  # (B, 1, 1, M) False at padding HR slots (None: none)
 
 
 @register
@@ -64,31 +65,33 @@ class XAttn(HighResMethod):
         return ImageInputs(features.lr, hr=self.hr_of(features))  # (I, N, W), hr: (I, M, W)
 
     def run_layers(self, vlm: VLM, x: torch.Tensor, step: Step) -> tuple[torch.Tensor, MethodReport]:
-        kvs = self._keys_values(step, x.shape[0])
+        state = self._keys_values(step, x.shape[0])
         for i, layer in enumerate(vlm.decoder.layers):
-            fused = FusedLayer(layer, partial(self.cross[i], kv=kvs[i], kernel=step.ctx.kernel), "attention")
-            x = fused(x, step.ctx, step.layer_cache(i))
+            cross = partial(self.cross[i], kv=state.kv[i], kernel=step.ctx.kernel, mask=state.mask)
+            x = FusedLayer(layer, cross, "attention")(x, step.ctx, step.layer_cache(i))
         return x, MethodReport()
 
-    def _keys_values(self, step: Step, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _keys_values(self, step: Step, batch: int) -> XAttnState:
         """Per-layer HR keys/values: projected at prefill, reused from the cache afterwards."""
         state = cached_state(step, XAttnState)
         if state is not None:
-            return state.kv
+            return state
         if step.images is None or step.images.hr is None:
             raise LoupeError("xattn needs an image: pass pixel_values (or encoded images) with the prompt")
         hr = step.images.hr
         if hr.shape[0] != batch:
             raise LoupeError(f"xattn takes one image per sample: {hr.shape[0]} images for a batch of {batch}")
         kvs = [c.keys_values(hr.to(c.q_proj.weight.dtype)) for c in self.cross]
-        keep_state(step, XAttnState(kvs))
-        return kvs
+        valid = step.images.hr_valid
+        state = XAttnState(kvs, None if valid is None else valid[:, None, None, :].to(hr.device))
+        keep_state(step, state)
+        return state
     @classmethod
     def cost_plan(cls, cfg: VLMConfig, options: MethodConfig, workload: Workload) -> CostPlan:
         """Every layer: q/o projections and attention of every row over all M HR tokens;
         the HR keys/values are projected once, at prefill."""
         assert isinstance(options, XAttnConfig)
-        plan, m = tiled_plan(cfg, options.resolved_hr_size(cfg))
+        plan, m = cls.hr_plan(cfg, options, workload)
         t = cfg.text
         inner, layers = t.num_heads * t.head_dim, t.num_layers
 
@@ -100,6 +103,11 @@ class XAttn(HighResMethod):
         plan.decode_extra = lambda keys: {"cross_attention": cross(1)}
         plan.image_parts = ("cross_attention", "cross_kv")
         return plan
+
+    @classmethod
+    def hr_plan(cls, cfg: VLMConfig, options: XAttnConfig, workload: Workload) -> tuple[CostPlan, int]:
+        """The encoder's part of the plan, and M: the k x k tiles' tokens."""
+        return tiled_plan(cfg, options.resolved_hr_size(cfg))
 
     def init_from_base(self, vlm: VLM) -> None:
         for c in self.cross:

@@ -50,9 +50,11 @@ class CrossAttention(nn.Module):
         """Memory (B, M, W) -> keys, values (B, H, M, D)."""
         return self.heads(self.k_proj(memory)), self.heads(self.v_proj(memory))
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], kernel: Kernel) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], kernel: Kernel,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask` (B, 1, 1, M): False at memory slots that are padding (memories of different lengths)."""
         q = self.heads(self.q_proj(self.norm(x)))  # (B, H, T, D)
-        out, _ = attend(q, kv[0], kv[1], kernel=kernel)  # (B, H, T, D)
+        out, _ = attend(q, kv[0], kv[1], mask, kernel=kernel)  # (B, H, T, D)
         b, _, t, _ = out.shape
         return torch.tanh(self.gate) * self.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # (B, T, W)
 

@@ -1,10 +1,12 @@
-"""CLIP vision transformer and the LLaVA projector.
+"""The vision towers (CLIP for LLaVA-1.5, SigLIP for LLaVA-OneVision) and the LLaVA projector.
 
 Shape legend: B images, C channels, P patches per side, N = P*P patch tokens,
 E vision width, W text width, H heads, D head dim.
 
 Module names follow the Hugging Face CLIP checkpoint. Only the layers up to the deepest
 requested feature layer run: LLaVA-1.5 reads layer -2, so the last layer is skipped.
+SigLIP is CLIP's encoder layer without the class token and the pre-layernorm, with a
+biased patch embedding and a GELU-tanh MLP; neither tower's post-layernorm is read.
 """
 
 from __future__ import annotations
@@ -21,20 +23,25 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
 
 
-def resample_position_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_pytorch_tanh": gelu_tanh}
+
+
+def resample_position_embedding(pos: torch.Tensor, grid: int, class_token: bool = True) -> torch.Tensor:
     """Bicubic resampling of ViT position embeddings to a new patch grid.
 
-    pos: (1 + P*P, E) with the class position first; returns (1 + grid*grid, E).
-    Same arithmetic as transformers' `interpolate_pos_encoding` (bicubic, no corner
-    alignment), so interpolated encodings match it.
+    pos: (1 + P*P, E) with the class position first (or (P*P, E) without a class token);
+    returns (1 + grid*grid, E) (or (grid*grid, E)). Same arithmetic as transformers'
+    `interpolate_pos_encoding` (bicubic, no corner alignment), so interpolated encodings match it.
     """
-    old = int((pos.shape[0] - 1) ** 0.5)
+    lead = 1 if class_token else 0
+    old = int((pos.shape[0] - lead) ** 0.5)
     if old == grid:
         return pos
-    cls_pos, patch_pos = pos[:1], pos[1:]
+    cls_pos, patch_pos = pos[:lead], pos[lead:]
     patch_pos = patch_pos.reshape(1, old, old, -1).permute(0, 3, 1, 2)  # (1, E, P, P)
     patch_pos = F.interpolate(patch_pos.float(), size=(grid, grid), mode="bicubic", align_corners=False)
     patch_pos = patch_pos.to(pos.dtype).permute(0, 2, 3, 1).reshape(grid * grid, -1)  # (grid*grid, E)
@@ -57,6 +64,22 @@ class VisionEmbeddings(nn.Module):
         cls = self.class_embedding.expand(b, 1, -1)  # (B, 1, E)
         pos = resample_position_embedding(self.position_embedding.weight, h // self.patch_size)  # (1+N, E)
         return torch.cat([cls, patches], dim=1) + pos  # (B, 1+N, E)
+
+
+class SiglipEmbeddings(nn.Module):
+    """Patch embedding with bias plus learned positions; no class token."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size)
+        self.position_embedding = nn.Embedding(cfg.grid**2, cfg.hidden_size)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        h = pixels.shape[-1]
+        patches = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # (B, E, P, P)
+        pos = resample_position_embedding(self.position_embedding.weight, h // self.patch_size, class_token=False)
+        return patches.flatten(2).transpose(1, 2) + pos  # (B, N, E)
 
 
 class VisionAttention(nn.Module):
@@ -113,15 +136,20 @@ class VisionTower(nn.Module):
         self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.layers = nn.ModuleList(VisionLayer(cfg) for _ in range(cfg.num_layers))
 
-    def forward(self, pixels: torch.Tensor, feature_layers: list[int], kernel: Kernel = "sdpa") -> torch.Tensor:
-        """pixels (B, C, S, S) with S a multiple of the patch size -> (B, 1+N, E * len(feature_layers)).
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Hidden state 0: (B, 1+N, E), the embeddings after the pre-layernorm."""
+        return self.pre_layrnorm(self.embeddings(pixels))
 
-        Hidden state i is the input of layer i (0 = embeddings after pre-layernorm), as in
-        transformers' `hidden_states`; negative indices count from the last layer's output.
+    def forward(self, pixels: torch.Tensor, feature_layers: list[int], kernel: Kernel = "sdpa") -> torch.Tensor:
+        """pixels (B, C, S, S) with S a multiple of the patch size -> (B, 1+N, E * len(feature_layers))
+        ((B, N, ...) for a tower without a class token).
+
+        Hidden state i is the input of layer i (0 = the embeddings), as in transformers'
+        `hidden_states`; negative indices count from the last layer's output.
         """
         count = self.cfg.num_layers + 1
         wanted = [i % count for i in feature_layers]
-        x = self.pre_layrnorm(self.embeddings(pixels))  # (B, 1+N, E)
+        x = self.embed(pixels)  # (B, 1+N, E)
         states = {0: x}
         for i, layer in enumerate(self.layers[: max(wanted)], start=1):
             x = layer(x, kernel)
@@ -133,7 +161,23 @@ class VisionTower(nn.Module):
         """The features LLaVA projects: (B, N, E*) patch tokens ("default" drops the class
         token) or (B, 1+N, E*) with it ("full")."""
         feats = self(pixels, feature_layers, kernel)  # (B, 1+N, E*)
-        return feats[:, 1:] if strategy == "default" else feats
+        return feats[:, 1:] if strategy == "default" and self.has_class_token else feats
+
+
+class SiglipTower(VisionTower):
+    """SigLIP ViT (OneVision's so400m, cut to 26 layers): CLIP's layers, no class token, no
+    pre-layernorm; its features are the last kept layer's output (strategy "full": all patches)."""
+
+    has_class_token = False
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        nn.Module.__init__(self)
+        self.cfg = cfg
+        self.embeddings = SiglipEmbeddings(cfg)
+        self.layers = nn.ModuleList(VisionLayer(cfg) for _ in range(cfg.num_layers))
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.embeddings(pixels)  # (B, N, E)
 
 
 class Projector(nn.Module):
