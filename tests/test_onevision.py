@@ -187,6 +187,20 @@ def test_lowres_is_the_overview_alone(hf_ov) -> None:
     torch.testing.assert_close(got, expected, **TOL)
 
 
+def test_siglip_positions_resample_as_transformers(hf_ov) -> None:
+    """At another image size SigLIP's learned positions are resampled bicubically, as
+    transformers' `interpolate_pos_encoding` does (OneVision itself always runs 384 px tiles)."""
+    hf, path = hf_ov
+    ours = loupe.from_pretrained(path, "hd", dtype=torch.float32)
+    px = torch.randn(2, 3, 70, 70, generator=torch.Generator().manual_seed(0))  # 5 x 5 patches, not 3 x 3
+    with torch.no_grad():
+        expected = hf.model.vision_tower(px, interpolate_pos_encoding=True, output_hidden_states=True).hidden_states
+        got = ours.vision_tower(px, [0, -1])  # (2, 25, 2E): the embeddings and the last layer
+    e = ours.cfg.vision.hidden_size
+    torch.testing.assert_close(got[..., :e], expected[0], **TOL)
+    torch.testing.assert_close(got[..., e:], expected[-1], **TOL)
+
+
 # ---- preprocessing, counts, text --------------------------------------------------------
 def test_processor_matches_transformers() -> None:
     cfg = tiny_onevision_config(tile=TILE)
@@ -363,25 +377,40 @@ def test_image_beyond_the_positions_names_both_numbers(tmp_path: Path) -> None:
 
 
 # ---- end to end -------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["lowres", "hd"])
+@pytest.mark.parametrize("method", ["lowres", "hd", "visor", "xattn", "flexattn"])
 def test_loupe_generate_on_onevision(hf_ov, tmp_path: Path, method: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every method end to end through the CLI: converted from the OneVision folder, then
+    `loupe generate` streams the answer the Python API gives."""
     _, path = hf_ov
+    options = ["-o", "pool=3"] if method == "flexattn" else []  # the tiny overview is 3 x 3 patches
+    converted = tmp_path / method
+    assert main(["convert", str(path), str(converted), "--method", method, *options]) == 0
     image = tmp_path / "odd.png"
     photo(71, 190, seed=3).save(image)
-    assert main(["generate", "--model", str(path), "--method", method, "--image", str(image), "--prompt",
+    capsys.readouterr()
+    assert main(["generate", "--model", str(converted), "--image", str(image), "--prompt",
                  "What is in the image?", "--max-new-tokens", "6"]) == 0
     printed = capsys.readouterr().out
-    model = loupe.from_pretrained(path, method)
-    tok = Tokenizer.from_folder(path, IMAGE_TOKEN)
+    model = loupe.from_pretrained(converted)
+    tok = Tokenizer.from_folder(converted, IMAGE_TOKEN)
     expected = answer(model, tok, image, "What is in the image?", SamplingConfig(6, stop_tokens=[2]))
     assert printed == expected + "\n"  # the streamed answer, in OneVision's template with AnyRes tiles
     images = model.prepare_images([Image.open(image)])
     ids = torch.tensor([tok.encode(chatml_prompt("What is in the image?"), images.tokens)])
     direct = generate(model, ids, images.pixel_values, sampling=SamplingConfig(6), image_sizes=images.image_sizes)
     assert tok.decode(direct[0].tolist()) == expected  # no BOS for Qwen2, the prompt as the processor builds it
-    assert main(["info", "--model", str(path), "--method", method, "--json"]) == 0
+    assert main(["info", "--model", str(converted), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["image_tokens_per_image"] == ("9" if method == "lowres" else "by image size, at most 99")
+    assert info["image_tokens_per_image"] == ("by image size, at most 99" if method in ("hd", "visor") else "9")
+
+
+def test_flops_reads_a_onevision_folder(hf_ov, capsys: pytest.CaptureFixture[str]) -> None:
+    _, path = hf_ov
+    assert main(["flops", "--model", str(path), "--method", "hd", "--image-size", "47x200", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["image_tokens"] == token_count(loupe.from_pretrained(path).cfg, 47, 200)
+    assert main(["flops", "--model", str(path), "--method", "hd", "--image-size", "47"]) == 2
+    assert "image size '47' is not HEIGHTxWIDTH" in capsys.readouterr().err
 
 
 # ---- VISOR on OneVision (the paper's setting) -------------------------------------------------

@@ -6,7 +6,7 @@ from loupe.errors import CheckpointError, ConfigError, LoupeError
 from loupe.generation import SamplingConfig, generate
 from loupe.images import ImageProcessor, load_image
 from loupe.methods import METHODS, method_options
-from loupe.text import Tokenizer, llava_prompt
+from loupe.text import Tokenizer, chatml_prompt, llava_prompt, prompt
 from loupe.vlm import VLM, VLMOutput
 
 __version__ = "0.1.0"
@@ -14,5 +14,5 @@ __version__ = "0.1.0"
 __all__ = [
     "METHODS", "VLM", "CheckpointError", "ConfigError", "ImageProcessor", "LoupeError", "SamplingConfig",
     "TextConfig", "Tokenizer", "VLMConfig", "VLMOutput", "VisionConfig", "from_pretrained", "generate",
-    "llava_prompt", "load_image", "method_options", "save_pretrained",
+    "chatml_prompt", "llava_prompt", "load_image", "method_options", "prompt", "save_pretrained",
 ]

@@ -26,6 +26,14 @@ def llava_prompt(question: str, system: str | None = LLAVA_SYSTEM, image: bool =
     return f"{head}USER: {body} ASSISTANT:"
 
 
+def _first_id(inner: HFTokenizer, *tokens: str) -> int | None:
+    for t in tokens:
+        found = inner.token_to_id(t)
+        if found is not None:
+            return found
+    return None
+
+
 def chatml_prompt(question: str, system: str | None = None, image: bool = True) -> str:
     """LLaVA-OneVision's template (its processor's `apply_chat_template` with the image first and
     `add_generation_prompt=True`): `<|im_start|>user\n<image>\n{q}<|im_end|>\n<|im_start|>assistant\n`.
@@ -65,8 +73,11 @@ class Tokenizer:
         if found != image_token_id:
             raise LoupeError(f"tokenizer {path} maps {IMAGE_PLACEHOLDER!r} to {found}, but the model's "
                              f"image_token_index is {image_token_id}")
-        bos, eos = inner.token_to_id("<s>"), inner.token_to_id("</s>")
-        pad = inner.token_to_id("<pad>")
+        # LLaVA-1.5 (LLaMA): <s>, </s>, <pad>. OneVision (Qwen2): no BOS, a chat turn ends at
+        # <|im_end|>, <|endoftext|> pads.
+        bos = inner.token_to_id("<s>")
+        eos = _first_id(inner, "</s>", "<|im_end|>")
+        pad = _first_id(inner, "<pad>", "<|endoftext|>")
         return cls(inner, image_token_id, bos, eos, pad if pad is not None else (eos or 0))
 
     def encode(self, text: str, tokens_per_image: int | list[int] = 1, add_bos: bool = True) -> list[int]:
