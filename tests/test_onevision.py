@@ -347,7 +347,7 @@ def test_methods_and_inputs_of_the_other_family_are_refused(hf_ov, tmp_path: Pat
         config_class = PlainConfig
     try:
         with pytest.raises(ConfigError, match="'plain-test-only' has no LLaVA-OneVision form yet.*choose one of "
-                                              "\\['flexattn', 'hd', 'lowres', 'visor', 'xattn'\\]"):
+                                              "\\['fastv', 'flexattn', 'hd', 'lowres', 'pdrop', 'visor', 'xattn'\\]"):
             loupe.from_pretrained(path, "plain-test-only")
     finally:
         del METHODS["plain-test-only"]
@@ -377,12 +377,13 @@ def test_image_beyond_the_positions_names_both_numbers(tmp_path: Path) -> None:
 
 
 # ---- end to end -------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["lowres", "hd", "visor", "xattn", "flexattn"])
+@pytest.mark.parametrize("method", ["lowres", "hd", "visor", "xattn", "flexattn", "fastv", "pdrop"])
 def test_loupe_generate_on_onevision(hf_ov, tmp_path: Path, method: str, capsys: pytest.CaptureFixture[str]) -> None:
     """Every method end to end through the CLI: converted from the OneVision folder, then
     `loupe generate` streams the answer the Python API gives."""
     _, path = hf_ov
-    options = ["-o", "pool=3"] if method == "flexattn" else []  # the tiny overview is 3 x 3 patches
+    # the tiny overview is 3 x 3 patches; the tiny decoder has 2 layers (FastV's default k = 2 needs 3)
+    options = {"flexattn": ["-o", "pool=3"], "fastv": ["-o", "k=1"]}.get(method, [])  # pdrop: stage at layer 1
     converted = tmp_path / method
     assert main(["convert", str(path), str(converted), "--method", method, *options]) == 0
     image = tmp_path / "odd.png"
@@ -401,7 +402,8 @@ def test_loupe_generate_on_onevision(hf_ov, tmp_path: Path, method: str, capsys:
     assert tok.decode(direct[0].tolist()) == expected  # no BOS for Qwen2, the prompt as the processor builds it
     assert main(["info", "--model", str(converted), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["image_tokens_per_image"] == ("by image size, at most 99" if method in ("hd", "visor") else "9")
+    assert info["image_tokens_per_image"] == ("9" if method in ("lowres", "xattn", "flexattn")
+                                              else "by image size, at most 99")
 
 
 def test_flops_reads_a_onevision_folder(hf_ov, capsys: pytest.CaptureFixture[str]) -> None:
@@ -593,9 +595,42 @@ def test_flexattn_selection_spreads_over_each_grid_and_rope_follows_the_overview
     assert cos.shape[:2] == (rows, cols) and cos[0, 0].ne(cos[-1, -1]).any()
 
 
+# ---- token reduction on OneVision -------------------------------------------------------------
+PRUNING = {"fastv": ({"k": 1, "ratio": 0.0}, {"k": 1, "ratio": 0.5}),
+           "pdrop": ({"layers": [1], "ratio": 1.0}, {"layers": [1], "ratio": 0.5})}
+
+
+@pytest.mark.parametrize("method", list(PRUNING))
+def test_token_reduction_on_onevision_keeps_its_share_of_each_image(hf_ov, method: str) -> None:
+    _, path = hf_ov
+    hd = loupe.from_pretrained(path, "hd", dtype=torch.float32)
+    everything = loupe.from_pretrained(path, method, dtype=torch.float32, **PRUNING[method][0])
+    fastv = loupe.from_pretrained(path, method, dtype=torch.float32, **PRUNING[method][1])
+    pictures = [photo(*SIZES["wide"], seed=41), photo(*SIZES["large"], seed=42)]
+    images = hd.prepare_images(pictures)
+    rows = [prompt_with(n, seed=43 + i, after=3 + 4 * i)[0] for i, n in enumerate(images.tokens)]
+    t = max(len(r) for r in rows)
+    ids, mask = torch.zeros(2, t, dtype=torch.long), torch.zeros(2, t, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, t - len(r):], mask[i, t - len(r):] = r, 1
+    with torch.no_grad():
+        kw = dict(image_sizes=images.image_sizes)
+        torch.testing.assert_close(everything(ids, images.pixel_values, mask, **kw).logits,
+                                   hd(ids, images.pixel_values, mask, **kw).logits, rtol=0, atol=0)
+        out = fastv(ids, images.pixel_values, mask, **kw)
+        counts = out.report.kept_counts if method == "fastv" else out.report.kept_counts[1]
+        halves = [n - n // 2 for n in images.tokens] if method == "fastv" else [n // 2 for n in images.tokens]
+        assert counts.tolist() == halves  # each image its own half
+        for i, r in enumerate(rows):
+            n = layout(fastv.cfg, *SIZES["wide" if i == 0 else "large"]).patches
+            alone = fastv(r[None], images.pixel_values[i:i + 1, :n], image_sizes=images.image_sizes[i:i + 1])
+            torch.testing.assert_close(out.logits[i, -1], alone.logits[0, -1], **TOL)
+
+
 # ---- cost plans against FlopCounterMode -------------------------------------------------------
 COST_METHODS = {"lowres": {}, "hd": {}, "visor-max": {"configuration": "max"}, "visor-min": {"configuration": "min"},
-                "xattn": {}, "flexattn": {"pool": 3, "memoise": False}}
+                "xattn": {}, "flexattn": {"pool": 3, "memoise": False}, "fastv": {"ratio": 0.5},
+                "pdrop": {"layers": [1, 3]}}
 
 
 @pytest.mark.parametrize("key", list(COST_METHODS))

@@ -150,10 +150,12 @@ def estimate(cfg: VLMConfig, options: MethodConfig, workload: Workload | None = 
     t = cfg.text
     seq = w.prompt_tokens + plan.image_tokens  # prompt length P
     image_layers = t.num_layers if plan.image_layers is None else plan.image_layers
+    schedule = plan.image_schedule or ((image_layers, plan.image_tokens),)
+    token_macs = sum(layers * image_token_macs(t, n) for layers, n in schedule)
     image_extras = {k: v / 2 for k, v in plan.prefill_extra(seq).items() if k in plan.image_parts}
-    image_macs = image_layers * image_token_macs(t, plan.image_tokens) + sum(image_extras.values())
+    image_macs = token_macs + sum(image_extras.values())
     if convention == "image-macs":
-        parts = {"image_tokens": image_layers * image_token_macs(t, plan.image_tokens), **image_extras}
+        parts = {"image_tokens": token_macs, **image_extras}
         per_token = 0.0
     else:
         prefill_llm = plan.prefill_llm or (lambda n: t.num_layers * decoder_layer(t, n, n))

@@ -85,6 +85,8 @@ class CostPlan:
     prefill_llm: Layers | None = None  # T -> FLOPs of the decoder layers at prefill (None: every layer, T rows)
     decode_llm: Layers | None = None  # Tk -> FLOPs of the decoder layers of one decode step
     image_layers: float | None = None  # layers the image tokens run through (image-macs; None: all)
+    # Or, where the count changes with depth (token pruning): (layers, image tokens) pieces.
+    image_schedule: tuple[tuple[float, float], ...] | None = None
 
 
 # ---- formulas (FLOPs for one sample) --------------------------------------------------

@@ -24,7 +24,9 @@ methods here take those inputs:
   (the overview and the unpadded grid both span the whole image; on a grid that is a
   multiple of the block grid this is the official nearest upsample); the HR keys' RoPE angles are the overview
   positions' angles resampled bicubically to H x L. The overview is squashed, not padded,
-  so no LR cell is margin.
+  so no LR cell is margin;
+- `fastv`, `pdrop`: FastV and PyramidDrop over the whole AnyRes sequence (newlines
+  included), each image keeping its own share of its own tokens.
 
 A method that has no OneVision form yet is refused by `build_method` with the list of
 those that have one (`loupe.methods.base.FAMILY_METHODS`), never run on inputs it would misread.
@@ -43,9 +45,11 @@ from loupe.errors import ConfigError, LoupeError
 from loupe.flops import CostPlan, Workload
 from loupe.methods import selection
 from loupe.methods.base import ImageFeatures, ImageInputs, Method, MethodConfig, Step, register_family
+from loupe.methods.fastv import FastV, FastVConfig, with_pruned_layers
 from loupe.methods.flexattn import FlexAttention, FlexAttnConfig, FlexState
 from loupe.methods.hd import HDConfig
 from loupe.methods.lowres import LowResConfig
+from loupe.methods.pdrop import PDropConfig, PyramidDrop, with_stages
 from loupe.methods.visor import Visor, VisorConfig
 from loupe.methods.xattn import XAttn, XAttnConfig
 from loupe.nn.rope import Rope
@@ -307,6 +311,46 @@ class OneVisionFlexAttention(OneVisionMethod, FlexAttention):
         plan = anyres_plan(cfg, workload)  # every tile encoded and projected
         plan.image_tokens = cfg.vision.grid**2  # the overview alone in the sequence
         return plan, layout(cfg, *(workload.image_size or reference_size(cfg))).grid_tokens
+
+
+@register_family("anyres")
+class OneVisionFastV(OneVisionMethod, FastV):
+    """FastV on OneVision: OneVision's whole AnyRes sequence (newlines included: they are
+    image tokens of the sequence) is what layer k - 1 ranks and layers k.. prune."""
+
+    name = "fastv"
+    config_class = FastVConfig
+
+    def tokens_for(self, height: int, width: int) -> int:
+        return layout(self.cfg, height, width).tokens
+
+    def encode(self, vlm: VLM, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> ImageInputs:
+        return anyres_sequence(vlm, pixel_values, image_sizes)
+
+    @classmethod
+    def cost_plan(cls, cfg: VLMConfig, options: MethodConfig, workload: Workload) -> CostPlan:
+        assert isinstance(options, FastVConfig)
+        return with_pruned_layers(anyres_plan(cfg, workload), cfg, options, workload)
+
+
+@register_family("anyres")
+class OneVisionPyramidDrop(OneVisionMethod, PyramidDrop):
+    """PyramidDrop on OneVision: the whole AnyRes sequence (newlines included) is ranked and
+    pruned stage by stage, each image keeping its own share."""
+
+    name = "pdrop"
+    config_class = PDropConfig
+
+    def tokens_for(self, height: int, width: int) -> int:
+        return layout(self.cfg, height, width).tokens
+
+    def encode(self, vlm: VLM, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> ImageInputs:
+        return anyres_sequence(vlm, pixel_values, image_sizes)
+
+    @classmethod
+    def cost_plan(cls, cfg: VLMConfig, options: MethodConfig, workload: Workload) -> CostPlan:
+        assert isinstance(options, PDropConfig)
+        return with_stages(anyres_plan(cfg, workload), cfg, options)
 
 
 def overview_and_grid(vlm: VLM, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> ImageInputs:
