@@ -41,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from loupe.config import SIGLIP_MEAN, SIGLIP_STD, TextConfig, VisionConfig, VLMConfig, default_pinpoints
 from loupe.errors import LoupeError
 from loupe.flops import CostPlan, Workload, decoder_layer, image_token_macs, lm_head, projector, vision_pass
-from loupe.methods import MethodConfig, MethodReport, parse_method
+from loupe.methods import MethodConfig, MethodReport, method_label, parse_method
 from loupe.methods.base import model_method_class
 from loupe.tiny import synth_tiny_config, tiny_config, tiny_onevision_config
 
@@ -106,6 +106,7 @@ class Cost:
     decode_per_token: float  # mean FLOPs of one decode step (of the first one if there is none)
     image_tokens: int  # image tokens per sample in the decoder sequence
     equivalent_image_tokens: float
+    label: str = ""  # `loupe.methods.method_label`: the method and what tells this run apart
 
     @property
     def total(self) -> float:
@@ -173,7 +174,7 @@ def estimate(cfg: VLMConfig, options: MethodConfig, workload: Workload | None = 
     if hr is not None:
         method["hr_size"] = hr
     return Cost(method, convention, w.to_dict(), {k: w.batch * v for k, v in parts.items()},
-                w.batch * per_token, plan.image_tokens, _equivalent_tokens(t, image_macs))
+                w.batch * per_token, plan.image_tokens, _equivalent_tokens(t, image_macs), method_label(options, cfg))
 
 
 def _step_cost(t: TextConfig, plan: CostPlan) -> Callable[[int], dict[str, float]]:
@@ -301,7 +302,7 @@ def _label_of(method: dict[str, Any]) -> str:
 
 
 def _label(c: Cost) -> str:
-    return _label_of(c.method)
+    return c.label or _label_of(c.method)
 
 
 # ---- `loupe flops` ------------------------------------------------------------------------
