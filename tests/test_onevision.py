@@ -234,7 +234,9 @@ def test_reference_size_gives_the_paper_token_count() -> None:
     image gives 729 + 81 x 82 = 7,371 tokens, VISOR's ~7.3k."""
     cfg = tiny_onevision_config(tile=384)
     assert cfg.vision.grid == 27  # 384 px at 14 px patches: 27 patches, the last 6 px unread (as SigLIP's conv)
-    assert token_count(cfg, 2304, 2304) == 729 + 81 * 82
+    assert token_count(cfg, 2304, 2304) == 729 + 81 * 82  # 6 x 6 tiles, downsampled to 81 x 81
+    assert token_count(cfg, 1152, 1152) == 729 + 81 * 82  # 3 x 3 tiles: exactly 81 x 81, no downsample
+    assert layout(cfg, 1152, 1152).patches == 10 and layout(cfg, 2304, 2304).patches == 37
     assert token_count(cfg, 384, 384) == 729 + 27 * 28
 
 
