@@ -93,9 +93,6 @@ class AnyResPacking(Splice):
         grid, _ = grid_tokens(tiles, self.cfg, height, width)  # (H, L, W)
         return torch.cat([overview, with_newlines(grid, self.image_newline)])
 
-    def tokens_for(self, height: int, width: int) -> int:
-        return token_count(self.cfg, height, width)
-
     def prepare(self, images: list[Image.Image], method: Method) -> PreparedImages:
         """OneVision's AnyRes tiles; the method says how many tokens each image takes."""
         limit = self.cfg.text.max_position_embeddings

@@ -20,7 +20,8 @@ and images of different token counts (OneVision) each keep their own share.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -29,7 +30,8 @@ from loupe.config import VLMConfig
 from loupe.errors import ConfigError
 from loupe.flops import CostPlan, Workload, attention, decoder_layer
 from loupe.methods.base import Method, MethodConfig, MethodReport, Step, register
-from loupe.nn.decoder import Rows
+from loupe.nn.decoder import DecoderLayer, Rows
+from loupe.nn.kv_cache import LayerCache
 from loupe.nn.tokens import TokenSet
 
 if TYPE_CHECKING:
@@ -77,7 +79,7 @@ class FastVReport(MethodReport):
 
     kept: torch.Tensor | None = None  # (B, T) True at the prompt rows kept from layer k on
     scores: torch.Tensor | None = None  # (B, T) the ranking attention (0 off the image)
-    kept_counts: torch.Tensor | None = field(default=None)  # (B,) image tokens kept
+    kept_counts: torch.Tensor | None = None  # (B,) image tokens kept
 
 
 @register
@@ -103,8 +105,8 @@ class FastV(Method):
             x = layer(x, tokens.ctx, cache)
         return tokens.restore(x, step.tokens.positions.shape[1]), report
 
-    def _ranked_layer(self, layer: torch.nn.Module, x: torch.Tensor, tokens: TokenSet,
-                      cache: object) -> tuple[torch.Tensor, torch.Tensor]:
+    def _ranked_layer(self, layer: DecoderLayer, x: torch.Tensor, tokens: TokenSet,
+                      cache: LayerCache | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer k - 1 with the ranking rows recomputed explicitly: the new hidden states and
         each prompt row's score (B, T): the attention it receives, mean over heads (and rows)."""
         b, t = tokens.positions.shape
@@ -119,16 +121,7 @@ class FastV(Method):
         return x, scores.masked_fill(~tokens.image, 0.0)
 
     def keep_mask(self, scores: torch.Tensor, tokens: TokenSet) -> torch.Tensor:
-        """(B, T): every text row, and each sample's top image tokens by `scores` (its own share
-        of its own image tokens; ties to the earlier token)."""
-        image = tokens.image & tokens.row_valid
-        counts = image.sum(1)  # (B,)
-        budget = torch.tensor([self.options.kept(int(n)) if n else 0 for n in counts.tolist()], device=scores.device)
-        ranked = scores.masked_fill(~image, float("-inf"))
-        order = torch.sort(ranked, dim=1, descending=True, stable=True).indices  # (B, T)
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
-                                                .expand_as(order))  # (B, T) each row's place in the ranking
-        return ~image | (rank < budget[:, None])
+        return keep_top_images(scores, tokens, lambda n: self.options.kept(n) if n else 0)
 
     @classmethod
     def cost_plan(cls, cfg: VLMConfig, options: MethodConfig, workload: Workload) -> CostPlan:
@@ -137,6 +130,17 @@ class FastV(Method):
         assert isinstance(options, FastVConfig)
         plan = Method.cost_plan(cfg, options, workload)
         return with_pruned_layers(plan, cfg, options, workload)
+
+
+def keep_top_images(scores: torch.Tensor, tokens: TokenSet, kept: Callable[[int], int]) -> torch.Tensor:
+    """(B, T): every text row, and each sample's top `kept(n)` of its n image rows by `scores`
+    (B, T) (ties to the earlier row). Shared by the token-reduction methods."""
+    image = tokens.image & tokens.row_valid
+    budget = torch.tensor([kept(int(n)) for n in image.sum(1).tolist()], device=scores.device)  # (B,)
+    order = torch.sort(scores.masked_fill(~image, float("-inf")), dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
+                                            .expand_as(order))  # (B, T) each row's place in the ranking
+    return ~image | (rank < budget[:, None])
 
 
 def with_pruned_layers(plan: CostPlan, cfg: VLMConfig, options: FastVConfig, workload: Workload) -> CostPlan:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from loupe.anyres import Layout, grid_tokens, layout, with_newlines
+from loupe.anyres import Layout, grid_tokens, layout
 from loupe.config import VLMConfig
 from loupe.errors import ConfigError, LoupeError
 from loupe.flops import CostPlan, Workload
@@ -114,6 +114,17 @@ class OneVisionMethod(Method):
                          "encode(vlm, pixel_values, image_sizes)")
 
 
+class WholeSequence(OneVisionMethod):
+    """A OneVision form whose image tokens are the whole AnyRes sequence (overview, grid,
+    newlines), as OneVision itself puts them in the decoder."""
+
+    def tokens_for(self, height: int, width: int) -> int:
+        return layout(self.cfg, height, width).tokens
+
+    def encode(self, vlm: VLM, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> ImageInputs:
+        return anyres_sequence(vlm, pixel_values, image_sizes)
+
+
 @register_family("anyres")
 class OneVisionLowRes(OneVisionMethod):
     """The overview image alone: n tokens per image, OneVision's single-tile cost."""
@@ -147,7 +158,7 @@ def check_anyres_options(options: MethodConfig) -> None:
 
 
 @register_family("anyres")
-class OneVisionAnyRes(OneVisionMethod):
+class OneVisionAnyRes(WholeSequence):
     """OneVision as published: the overview, then the unpadded, downsampled tile grid with a
     newline after every row; every token in every decoder layer."""
 
@@ -157,12 +168,6 @@ class OneVisionAnyRes(OneVisionMethod):
     def __init__(self, cfg: VLMConfig, options: MethodConfig) -> None:
         check_anyres_options(options)
         super().__init__(cfg, options)
-
-    def tokens_for(self, height: int, width: int) -> int:
-        return layout(self.cfg, height, width).tokens
-
-    def encode(self, vlm: VLM, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> ImageInputs:
-        return anyres_sequence(vlm, pixel_values, image_sizes)
 
     @classmethod
     def cost_plan(cls, cfg: VLMConfig, options: MethodConfig, workload: Workload) -> CostPlan:
@@ -174,7 +179,7 @@ class OneVisionAnyRes(OneVisionMethod):
 
 
 @register_family("anyres")
-class OneVisionVisor(OneVisionMethod, Visor):
+class OneVisionVisor(WholeSequence, Visor):
     """VISOR on OneVision (the paper's setting): the visual stream is the image's whole AnyRes
     sequence (overview, grid, newlines). The streams are gathered per batch as (B, Nv, W), so
     a batch holds images of one AnyRes token count (equal sizes, or sizes that share a grid)."""
@@ -187,12 +192,6 @@ class OneVisionVisor(OneVisionMethod, Visor):
         assert isinstance(options, VisorConfig)
         check_no_hr_size("visor", options)
         options.validate_layers(cfg)
-
-    def tokens_for(self, height: int, width: int) -> int:
-        return layout(self.cfg, height, width).tokens
-
-    def encode(self, vlm: VLM, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> ImageInputs:
-        return anyres_sequence(vlm, pixel_values, image_sizes)
 
     def check_image_tokens(self, counts: torch.Tensor, images: ImageInputs) -> None:
         lengths = [int(s.shape[0]) for s in images.sequence]
@@ -314,18 +313,12 @@ class OneVisionFlexAttention(OneVisionMethod, FlexAttention):
 
 
 @register_family("anyres")
-class OneVisionFastV(OneVisionMethod, FastV):
+class OneVisionFastV(WholeSequence, FastV):
     """FastV on OneVision: OneVision's whole AnyRes sequence (newlines included: they are
     image tokens of the sequence) is what layer k - 1 ranks and layers k.. prune."""
 
     name = "fastv"
     config_class = FastVConfig
-
-    def tokens_for(self, height: int, width: int) -> int:
-        return layout(self.cfg, height, width).tokens
-
-    def encode(self, vlm: VLM, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> ImageInputs:
-        return anyres_sequence(vlm, pixel_values, image_sizes)
 
     @classmethod
     def cost_plan(cls, cfg: VLMConfig, options: MethodConfig, workload: Workload) -> CostPlan:
@@ -334,18 +327,12 @@ class OneVisionFastV(OneVisionMethod, FastV):
 
 
 @register_family("anyres")
-class OneVisionPyramidDrop(OneVisionMethod, PyramidDrop):
+class OneVisionPyramidDrop(WholeSequence, PyramidDrop):
     """PyramidDrop on OneVision: the whole AnyRes sequence (newlines included) is ranked and
     pruned stage by stage, each image keeping its own share."""
 
     name = "pdrop"
     config_class = PDropConfig
-
-    def tokens_for(self, height: int, width: int) -> int:
-        return layout(self.cfg, height, width).tokens
-
-    def encode(self, vlm: VLM, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> ImageInputs:
-        return anyres_sequence(vlm, pixel_values, image_sizes)
 
     @classmethod
     def cost_plan(cls, cfg: VLMConfig, options: MethodConfig, workload: Workload) -> CostPlan:
@@ -389,11 +376,8 @@ def anyres_sequence(vlm: VLM, pixel_values: torch.Tensor, image_sizes: torch.Ten
     stitched grid with a newline after every row."""
     layouts = check_tiles(vlm.cfg, pixel_values, image_sizes)
     assert image_sizes is not None
-    newline = vlm.packing.image_newline
-    sequence = []
-    for feats, (h, w) in zip(encode_tiles(vlm, pixel_values, layouts), image_sizes.tolist(), strict=True):
-        grid, _ = grid_tokens(feats, vlm.cfg, int(h), int(w))  # (H, L, W)
-        sequence.append(torch.cat([feats[0], with_newlines(grid, newline)]))  # (N_i, W)
+    sequence = [vlm.packing.arrange(feats[0], feats, int(h), int(w))  # (N_i, W)
+                for feats, (h, w) in zip(encode_tiles(vlm, pixel_values, layouts), image_sizes.tolist(), strict=True)]
     return ImageInputs(sequence, image_sizes=image_sizes)
 
 

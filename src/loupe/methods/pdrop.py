@@ -31,6 +31,7 @@ from loupe.config import VLMConfig
 from loupe.errors import ConfigError
 from loupe.flops import CostPlan, Workload, decoder_layer, linear
 from loupe.methods.base import Method, MethodConfig, MethodReport, Step, register
+from loupe.methods.fastv import keep_top_images
 from loupe.nn.decoder import DecoderLayer
 from loupe.nn.rope import Rope
 from loupe.nn.tokens import TokenSet
@@ -104,13 +105,7 @@ class PyramidDrop(Method):
         return tokens.restore(x, step.tokens.positions.shape[1]), report
 
     def keep_mask(self, scores: torch.Tensor, tokens: TokenSet) -> torch.Tensor:
-        """(B, T): every text row and each sample's top `ratio` of its image rows by `scores`."""
-        image = tokens.image & tokens.row_valid
-        budget = torch.tensor([self.options.kept(int(n)) for n in image.sum(1).tolist()], device=scores.device)
-        order = torch.sort(scores.masked_fill(~image, float("-inf")), dim=1, descending=True, stable=True).indices
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
-                                                .expand_as(order))  # (B, T) each row's place in the ranking
-        return ~image | (rank < budget[:, None])
+        return keep_top_images(scores, tokens, self.options.kept)
 
     @classmethod
     def cost_plan(cls, cfg: VLMConfig, options: MethodConfig, workload: Workload) -> CostPlan:
