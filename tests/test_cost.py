@@ -24,6 +24,11 @@ METHODS = {
     "fastv": {"k": 2, "ratio": 0.5},
     "fastv-mean": {"k": 1, "keep": 5, "rank_by": "mean"},
     "pdrop": {"layers": [1, 3], "ratio": 0.5},
+    "visionzip": {"dominant": 6, "contextual": 3},
+    "visionzip-ratio": {"ratio": 0.5, "keep_class": False},
+    "hired": {"rate": 0.3},
+    "sparsevlm": {"layers": [0, 2], "keep": [9, 5]},
+    "sparsevlm-preset": {"retain": 64},
 }
 
 
@@ -67,10 +72,12 @@ def test_prefill_and_decode_step_match_flop_counter(key: str) -> None:
     tok = out["r"].logits[:, -1].argmax(-1, keepdim=True)
     counted_decode = count_flops(lambda: out.update(d=model(tok, cache=cache, last_only=True)))
     memoised = key == "flexattn-center"  # the center selection repeats: a memoised step projects nothing
-    prefill = estimate(CFG, model.method.options, Workload(TEXT, new_tokens=1, selected=frac, memoised=memoised))
+    question = TEXT - 3  # the text after the image (SparseVLM's raters)
+    prefill = estimate(CFG, model.method.options, Workload(TEXT, new_tokens=1, selected=frac, memoised=memoised,
+                                                           question_tokens=question))
     decode_frac = mean_fraction(out["d"].report)
     decode = estimate(CFG, model.method.options, Workload(TEXT, new_tokens=2, selected=decode_frac,
-                                                          memoised=memoised))
+                                                          memoised=memoised, question_tokens=question))
     close(prefill.prefill, counted_prefill)
     close(decode.decode_per_token, counted_decode)
     close(decode.part("decode"), counted_decode)
@@ -100,6 +107,30 @@ def test_presets_give_the_published_numbers() -> None:
     flex = estimate(cfg, method_options("flexattn"))
     assert flex.image_tokens == 576 and 576 < flex.equivalent_image_tokens < 700
     assert flex.total < 0.6 * estimate(cfg, method_options("hd")).total
+
+
+def test_token_reduction_papers_figures() -> None:
+    """PyramidDrop's LLaVA-1.5-7B table (3.82 T vanilla, 1.78 T at lambda 0.5 with its default
+    stages 8/16/24) in its 3ndm image-token count; FastV's "45% fewer FLOPs" for LLaVA-1.5-13B
+    at K=2, R=50% in its own formula (2ndm, n = the whole prompt): 45% with the ~35 text tokens of
+    LLaVA-1.5's system prompt and question, 48% over the image tokens alone."""
+    seven, thirteen = PRESETS["llava-1.5-7b"].config, PRESETS["llava-1.5-13b"].config
+    assert estimate(seven, method_options("pdrop"), convention="image-macs").total == pytest.approx(1.78e12, rel=3e-3)
+
+    def saving(cfg: object, text: int, convention: str) -> float:
+        w = Workload(prompt_tokens=text)
+        fastv = estimate(cfg, method_options("fastv", k=2, ratio=0.5), w, convention=convention).total
+        return 1 - fastv / estimate(cfg, method_options("lowres"), w, convention=convention).total
+
+    assert saving(thirteen, 35, "fastv-macs") == pytest.approx(0.45, abs=0.005)
+    assert saving(thirteen, 35, "image-macs") == pytest.approx(0.48, abs=0.005)  # image tokens only: text ignored
+    assert saving(thirteen, 0, "fastv-macs") == pytest.approx(0.48, abs=0.005)
+    fastv = estimate(seven, method_options("fastv", k=2, ratio=0.5), Workload(prompt_tokens=0), convention="fastv-macs")
+    from loupe.flops import image_token_macs
+    t = seven.text  # 2 layers at 576 tokens, 30 at 288, FastV's 2ndm
+    assert fastv.total == pytest.approx(2 * image_token_macs(t, 576, 2) + 30 * image_token_macs(t, 288, 2))
+    assert fastv.equivalent_image_tokens == pytest.approx(
+        estimate(seven, method_options("fastv", k=2, ratio=0.5)).equivalent_image_tokens)  # one axis for all
 
 
 def test_decode_grows_with_new_tokens_and_memo_saves_projection() -> None:

@@ -84,8 +84,9 @@ def test_prefill_equals_the_written_out_reference(hf_deep: Path, k: int) -> None
     torch.testing.assert_close(out.logits[:, -1:], expected, **TOL)
 
 
-def test_batch_with_left_padding_equals_each_sample(hf_deep: Path) -> None:
-    model = loupe.from_pretrained(hf_deep, "fastv", dtype=torch.float32, keep=5)
+@pytest.mark.parametrize("rank_by", ["last", "mean"])
+def test_batch_with_left_padding_equals_each_sample(hf_deep: Path, rank_by: str) -> None:
+    model = loupe.from_pretrained(hf_deep, "fastv", dtype=torch.float32, keep=5, rank_by=rank_by)
     short, long = prompt_ids(4, 16, seed=5, image_at=1), prompt_ids(11, 16, seed=6)
     pad = long.shape[1] - short.shape[1]
     ids = torch.cat([torch.cat([torch.zeros(1, pad, dtype=torch.long), short], 1), long])
@@ -98,7 +99,7 @@ def test_batch_with_left_padding_equals_each_sample(hf_deep: Path) -> None:
             alone = model(row, px[i:i + 1])
             torch.testing.assert_close(both.logits[i, -1], alone.logits[0, -1], **TOL)
             assert int(both.report.kept_counts[i]) == 5
-    assert torch.isfinite(both.logits).all()
+    assert torch.isfinite(both.logits).all() and torch.isfinite(both.report.scores).all()
 
 
 @pytest.mark.parametrize("rank_by", ["last", "mean"])

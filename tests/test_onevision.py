@@ -349,7 +349,8 @@ def test_methods_and_inputs_of_the_other_family_are_refused(hf_ov, tmp_path: Pat
         config_class = PlainConfig
     try:
         with pytest.raises(ConfigError, match="'plain-test-only' has no LLaVA-OneVision form yet.*choose one of "
-                                              "\\['fastv', 'flexattn', 'hd', 'lowres', 'pdrop', 'visor', 'xattn'\\]"):
+                                              "\\['fastv', 'flexattn', 'hd', 'hired', 'lowres', 'pdrop', "
+                                              "'sparsevlm', 'visionzip', 'visor', 'xattn'\\]"):
             loupe.from_pretrained(path, "plain-test-only")
     finally:
         del METHODS["plain-test-only"]
@@ -599,7 +600,9 @@ def test_flexattn_selection_spreads_over_each_grid_and_rope_follows_the_overview
 
 # ---- token reduction on OneVision -------------------------------------------------------------
 PRUNING = {"fastv": ({"k": 1, "ratio": 0.0}, {"k": 1, "ratio": 0.5}),
-           "pdrop": ({"layers": [1], "ratio": 1.0}, {"layers": [1], "ratio": 0.5})}
+           "pdrop": ({"layers": [1], "ratio": 1.0}, {"layers": [1], "ratio": 0.5}),
+           "sparsevlm": ({"layers": [0], "ratios": [1.0], "recycle": False}, {"layers": [0], "ratios": [0.5],
+                                                                               "recycle": False})}
 
 
 @pytest.mark.parametrize("method", list(PRUNING))
@@ -620,8 +623,9 @@ def test_token_reduction_on_onevision_keeps_its_share_of_each_image(hf_ov, metho
         torch.testing.assert_close(everything(ids, images.pixel_values, mask, **kw).logits,
                                    hd(ids, images.pixel_values, mask, **kw).logits, rtol=0, atol=0)
         out = fastv(ids, images.pixel_values, mask, **kw)
-        counts = out.report.kept_counts if method == "fastv" else out.report.kept_counts[1]
-        halves = [n - n // 2 for n in images.tokens] if method == "fastv" else [n // 2 for n in images.tokens]
+        counts = out.report.kept_counts if method == "fastv" else out.report.kept_counts[{"pdrop": 1}.get(method, 0)]
+        halves = {"fastv": [n - n // 2 for n in images.tokens], "pdrop": [n // 2 for n in images.tokens],
+                  "sparsevlm": [round(n / 2) for n in images.tokens]}[method]
         assert counts.tolist() == halves  # each image its own half
         for i, r in enumerate(rows):
             n = layout(fastv.cfg, *SIZES["wide" if i == 0 else "large"]).patches
@@ -632,7 +636,10 @@ def test_token_reduction_on_onevision_keeps_its_share_of_each_image(hf_ov, metho
 # ---- cost plans against FlopCounterMode -------------------------------------------------------
 COST_METHODS = {"lowres": {}, "hd": {}, "visor-max": {"configuration": "max"}, "visor-min": {"configuration": "min"},
                 "xattn": {}, "flexattn": {"pool": 3, "memoise": False}, "fastv": {"ratio": 0.5},
-                "pdrop": {"layers": [1, 3]}}
+                "pdrop": {"layers": [1, 3]}, "visionzip": {"dominant": 3, "contextual": 2, "signal": "mean"},
+                "hired": {"rate": 0.3, "signal": "mean"},
+                "visor-zip": {"configuration": "max", "visionzip": 0.5, "visionzip_signal": "mean"},
+                "sparsevlm": {"layers": [0, 2], "ratios": [0.5, 0.25]}}
 
 
 @pytest.mark.parametrize("key", list(COST_METHODS))
@@ -659,8 +666,130 @@ def test_cost_plan_matches_flop_counter(key: str, size: tuple[int, int]) -> None
         assert abs(step.decode_per_token - decode) <= 0.01 * decode, (step.decode_per_token, decode)
     frac = measured_selection(out["r"].report) or 0.1
     cost = estimate(cfg, model.method.options, Workload(text, new_tokens=2, image_size=size, selected=frac,
-                                                        memoised=key != "flexattn"))
+                                                        memoised=key != "flexattn", question_tokens=text - 3))
     assert cost.image_tokens == images.tokens[0]
     checks = [(cost.prefill, prefill)] + ([] if key == "flexattn" else [(cost.decode_per_token, decode)])
     for analytic, counted in checks:
         assert counted > 0 and abs(analytic - counted) <= 0.01 * counted, (analytic, counted)
+
+
+# ---- vision-side token reduction on OneVision (Loupe's substitute signal) --------------------
+def batch_of_two(model: loupe.VLM, sizes: tuple[str, str], seed: int) -> tuple[torch.Tensor, ...]:
+    """Two photos of different sizes, prompts left-padded to one length: ids, mask, pixels, sizes, rows."""
+    images = model.prepare_images([photo(*SIZES[s], seed=seed + i) for i, s in enumerate(sizes)])
+    rows = [prompt_with(n, seed=seed + 10 + i, after=3 + 4 * i)[0] for i, n in enumerate(images.tokens)]
+    t = max(len(r) for r in rows)
+    ids, mask = torch.zeros(2, t, dtype=torch.long), torch.zeros(2, t, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, t - len(r):], mask[i, t - len(r):] = r, 1
+    return ids, mask, images.pixel_values, images.image_sizes, rows
+
+
+@torch.no_grad()
+def test_mean_signal_equals_transformers_eager_siglip_attention(hf_ov) -> None:
+    from loupe.methods.reduction import probe_crops
+    from loupe.nn.vit import feature_layer_index
+    _, path = hf_ov
+    hf = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(path, attn_implementation="eager")
+    model = loupe.from_pretrained(path, "visionzip", dtype=torch.float32, dominant=3, contextual=2, signal="mean")
+    tiles = torch.randn(3, 3, TILE, TILE, generator=torch.Generator().manual_seed(5))
+    out = hf.model.vision_tower(tiles, output_hidden_states=True, output_attentions=True)
+    layer = feature_layer_index(model.cfg)
+    crops = probe_crops(model, tiles, (layer,), "mean")
+    torch.testing.assert_close(crops.feats, out.hidden_states[-1], **TOL)
+    torch.testing.assert_close(crops.probes[layer].attention, out.attentions[-1].mean(2), **TOL)
+
+
+def test_visionzip_on_onevision_reduces_every_crop_and_batches(hf_ov) -> None:
+    from loupe.methods.onevision import check_tiles, encode_tiles
+    _, path = hf_ov
+    every = loupe.from_pretrained(path, "visionzip", dtype=torch.float32, dominant=9, contextual=0, signal="mean")
+    ids, mask, px, sizes, rows = batch_of_two(every, ("wide", "large"), seed=50)
+    with torch.no_grad():  # all 9 patches of every crop dominant: each crop's own tokens, overview first
+        tiles = encode_tiles(every, px, check_tiles(every.cfg, px, sizes))
+        sequence = every.method.encode(every, px, sizes).sequence
+        for t, s in zip(tiles, sequence, strict=True):  # (the probed layer ran eagerly: rounding apart)
+            torch.testing.assert_close(s, t.flatten(0, 1), **TOL)
+    model = loupe.from_pretrained(path, "visionzip", dtype=torch.float32, dominant=3, contextual=2, signal="mean")
+    ids, mask, px, sizes, rows = batch_of_two(model, ("wide", "large"), seed=60)
+    assert [len(s) for s in model.method.encode(model, px, sizes).sequence] == [
+        layout(model.cfg, *SIZES[s]).patches * 5 for s in ("wide", "large")]
+    with torch.no_grad():
+        both = model(ids, px, mask, image_sizes=sizes).logits
+        for i, r in enumerate(rows):
+            n = int(layout(model.cfg, *sizes[i].tolist()).patches)
+            alone = model(r[None], px[i:i + 1, :n], image_sizes=sizes[i:i + 1]).logits
+            torch.testing.assert_close(both[i, -1], alone[0, -1], **TOL)
+    assert "mean-attention signal (Loupe's)" in loupe.methods.method_label(model.method.options, model.cfg)
+    with pytest.raises(loupe.ConfigError, match="signal='class' reads the class token's attention.*'siglip'"):
+        loupe.from_pretrained(path, "visionzip", dominant=3, contextual=2)
+
+
+def test_hired_budget_split_adds_up_and_respects_capacity() -> None:
+    from loupe.methods.hired import split_budget, tile_weights
+    cap = torch.tensor([9, 9, 3, 9])
+    shares = split_budget(torch.tensor([5.0, 1.0, 10.0, 0.0]), 17, cap)
+    assert int(shares.sum()) == 17 and bool((shares <= cap).all()) and int(shares[2]) == 3  # full: excess passed on
+    assert shares.tolist() == [9, 5, 3, 0]
+    assert split_budget(torch.zeros(3), 5, torch.tensor([9, 9, 9])).tolist() == [2, 2, 1]  # no signal: even
+    assert split_budget(torch.tensor([1.0, 1.0]), 30, torch.tensor([9, 9])).tolist() == [9, 9]  # capped at what is held
+    from loupe.anyres import Layout
+    tall = Layout(tiles_rows=2, tiles_cols=1, unpadded=(6, 3), kept=(6, 3), overview=9)  # upper and lower tile
+    top = torch.zeros(3, 3, dtype=torch.bool)
+    top[0] = True  # the overview's top row: all in the upper tile
+    assert tile_weights(top, tall, "spatial").tolist() == [6.0, 0.0]  # (each cell counted R * C times)
+    top[:] = False
+    top[1] = True  # the middle row straddles both tiles: half each
+    assert tile_weights(top, tall, "spatial").tolist() == [3.0, 3.0]
+    with pytest.raises(loupe.LoupeError, match="partition='raster' splits the overview's 9 tokens into 2"):
+        tile_weights(top, tall, "raster")
+
+
+@torch.no_grad()
+def test_hired_on_onevision_keeps_its_budget_per_image_in_grid_order(hf_ov) -> None:
+    from loupe.anyres import stitch_tiles
+    from loupe.methods.onevision import check_tiles, encode_tiles
+    _, path = hf_ov
+    every = loupe.from_pretrained(path, "hired", dtype=torch.float32, rate=1.0, signal="mean")
+    ids, mask, px, sizes, rows = batch_of_two(every, ("wide", "large"), seed=70)
+    tiles = encode_tiles(every, px, check_tiles(every.cfg, px, sizes))
+    for feats, seq, (h, w) in zip(tiles, every.method.encode(every, px, sizes).sequence, sizes.tolist(), strict=True):
+        lay = layout(every.cfg, h, w)  # rate 1: the overview, then every unpadded grid token (no downsample)
+        grid = stitch_tiles(feats[1:], lay, every.cfg.vision.grid)  # (W, R*g, C*g)
+        (r, c), (full_h, full_w) = lay.unpadded, grid.shape[1:]
+        top, left = (full_h - r) // 2, (full_w - c) // 2
+        expected = torch.cat([feats[0], grid[:, top:top + r, left:left + c].flatten(1).T])
+        torch.testing.assert_close(seq, expected, **TOL)  # (the probed layers ran eagerly: rounding apart)
+    model = loupe.from_pretrained(path, "hired", dtype=torch.float32, rate=0.3, signal="mean")
+    ids, mask, px, sizes, rows = batch_of_two(model, ("wide", "large"), seed=80)
+    sequence = model.method.encode(model, px, sizes).sequence
+    for s, (h, w) in zip(sequence, sizes.tolist(), strict=True):
+        lay = layout(model.cfg, h, w)
+        assert len(s) == model.method.tokens_for(h, w) == int(lay.patches * 9 * 0.3)
+    both = model(ids, px, mask, image_sizes=sizes).logits
+    for i, r in enumerate(rows):
+        n = layout(model.cfg, *sizes[i].tolist()).patches
+        alone = model(r[None], px[i:i + 1, :n], image_sizes=sizes[i:i + 1]).logits
+        torch.testing.assert_close(both[i, -1], alone[0, -1], **TOL)
+    assert "alpha 0.5, mean-attention signal (Loupe's)" in loupe.methods.method_label(model.method.options, model.cfg)
+    with pytest.raises(loupe.ConfigError, match="hired signal='class'"):
+        loupe.from_pretrained(path, "hired")
+
+
+def test_visor_with_a_visionzip_front_end_on_onevision(hf_ov) -> None:
+    """VISOR + token reduction on OneVision: the visual stream is `visionzip`'s sequence; with
+    every layer SA and no CA layer the model is `visionzip` itself."""
+    _, path = hf_ov
+    zipped = loupe.from_pretrained(path, "visionzip", dtype=torch.float32, ratio=5 / 9, signal="mean")
+    layers = zipped.cfg.text.num_layers
+    visor = loupe.from_pretrained(path, "visor", dtype=torch.float32, visionzip=5 / 9, visionzip_signal="mean",
+                                  ca_layers=[], sa_layers=list(range(layers)), configurations=[list(range(layers))])
+    images = visor.prepare_images([photo(*SIZES["wide"], seed=90)])
+    assert images.tokens == [layout(visor.cfg, *SIZES["wide"]).patches * 5]
+    ids = prompt_with(images.tokens[0], seed=91)
+    with torch.no_grad():
+        expected = zipped(ids, images.pixel_values, image_sizes=images.image_sizes).logits
+        got = visor(ids, images.pixel_values, image_sizes=images.image_sizes).logits
+    torch.testing.assert_close(got, expected, **TOL)
+    with pytest.raises(ConfigError, match="visor's visionzip front end: visionzip signal='class'"):
+        loupe.from_pretrained(path, "visor", visionzip=0.5)

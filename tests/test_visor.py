@@ -271,10 +271,11 @@ def test_universal_training_draws_only_viable_configurations() -> None:
     assert model.method.options.configuration == "sample"  # drawing changed no option
 
 
-@pytest.mark.parametrize("configuration", ["max", "min", 1, "router"])
+@pytest.mark.parametrize("configuration, front", [("max", None), ("min", None), (1, None), ("router", None),
+                                                   ("max", 0.5), ("min", 0.25)])
 @torch.no_grad()
-def test_prefill_and_decode_flops_match_the_counter(configuration) -> None:
-    model = visor(configuration=configuration)
+def test_prefill_and_decode_flops_match_the_counter(configuration, front) -> None:
+    model = visor(configuration=configuration, visionzip=front)
     ids, _, px = request(model, lengths=(23,))
     cache = model.new_cache(1, ids.shape[1] + 2)
     out: dict = {}
@@ -288,6 +289,27 @@ def test_prefill_and_decode_flops_match_the_counter(configuration) -> None:
     cost = estimate(CFG, model.method.options, Workload(23, new_tokens=2, mix=mix))
     assert cost.prefill == prefill
     assert cost.decode_per_token == decode
+
+
+@torch.no_grad()
+def test_visionzip_front_end_is_visionzip_on_every_crop() -> None:
+    """VISOR + token reduction: the visual stream is VisionZip's tokens of the LR image and of
+    each HR tile (in that order), and the layers run over it exactly as the reference says."""
+    from loupe.methods.highres import low_res, tiles
+    from loupe.methods.visionzip import VisionZipConfig, zipped_tokens
+    model = visor(visionzip=0.5)
+    assert model.method.tokens_per_image() == 5 * 8  # LR + 2 x 2 tiles, 8 of 16 tokens each (7 + 1)
+    ids, _, px = request(model, lengths=(9,))
+    crops = [low_res(px, 56)] + list(tiles(px, 56).split(1))
+    expected = torch.cat([zipped_tokens(model, c, VisionZipConfig(ratio=0.5)) for c in crops], dim=1)
+    torch.testing.assert_close(model.method.encode(model, px).sequence, expected, rtol=1e-5, atol=1e-6)
+    for sa in ([], [1, 3]):
+        out = model(ids, px, run=VisorRun(configurations=[sa])).logits[0]
+        torch.testing.assert_close(out, reference(model, ids, px, sa), rtol=1e-4, atol=1e-5)
+    label = loupe.methods.method_label(model.method.options, CFG)
+    assert label == "visor@112 [max, visionzip 0.5 (7+1)]"
+    with pytest.raises(ConfigError, match="visor's visionzip front end: ratio=1.5"):
+        method_options("visor", hr_size=HR, visionzip=1.5).validate(CFG)
 
 
 def test_cost_of_budgets_and_a_mix() -> None:

@@ -110,6 +110,41 @@ def token_count(cfg: VLMConfig, height: int, width: int) -> int:
     return layout(cfg, height, width).tokens
 
 
+# ---- a batch's inputs -------------------------------------------------------------------
+def check_tiles(cfg: VLMConfig, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> list[Layout]:
+    """Refuse OneVision inputs of the wrong shape; the layout of every image."""
+    s, channels = cfg.vision.image_size, cfg.vision.num_channels
+    shape = tuple(pixel_values.shape)
+    if len(shape) != 5 or shape[2:] != (channels, s, s):
+        raise LoupeError(f"pixel_values of shape {shape}: a OneVision model takes AnyRes tiles (images, tiles, "
+                         f"{channels}, {s}, {s}), overview first, as `loupe.anyres.AnyResProcessor` makes them")
+    if image_sizes is None or tuple(image_sizes.shape) != (shape[0], 2):
+        got = None if image_sizes is None else tuple(image_sizes.shape)
+        raise LoupeError(f"a OneVision model needs image_sizes ({shape[0]}, 2), the (height, width) of each "
+                         f"image, to know its tile grid; got {got}")
+    if not torch.isfinite(pixel_values).all():
+        raise LoupeError("pixel_values contain NaN or infinity")
+    return [layout(cfg, int(h), int(w)) for h, w in image_sizes.tolist()]
+
+
+def used_tiles(pixel_values: torch.Tensor, layouts: list[Layout]) -> tuple[torch.Tensor, list[int]]:
+    """The tiles the images use, (sum P_i, 3, s, s) (overview first per image), and each P_i."""
+    needed = [lay.patches for lay in layouts]
+    if max(needed) > pixel_values.shape[1]:
+        i = needed.index(max(needed))
+        raise LoupeError(f"image {i} needs {needed[i]} tiles (overview + {layouts[i].tiles_rows}x"
+                         f"{layouts[i].tiles_cols}) for its size, but pixel_values hold {pixel_values.shape[1]}")
+    return torch.cat([px[:p] for px, p in zip(pixel_values, needed, strict=True)]), needed
+
+
+def reference_size(cfg: VLMConfig) -> tuple[int, int]:
+    """The image size the cost model assumes when the workload names none: the largest
+    pinpoint, square - the most tokens OneVision gives an image (7,371 at the published
+    0.5B's settings: 729 overview + 81 x 82 downsampled grid with newlines)."""
+    side = max(max(p) for p in cfg.image_grid_pinpoints)
+    return side, side
+
+
 # ---- features -> the image's token sequence -----------------------------------------------
 def stitch_tiles(tiles: torch.Tensor, lay: Layout, g: int) -> torch.Tensor:
     """Tile tokens (R*C, g*g, W) -> one grid (W, R*g, C*g), channels first as the unpad and

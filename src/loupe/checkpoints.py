@@ -214,6 +214,9 @@ def _wanted_method(method: str | None, stored: MethodConfig | None, options: dic
     if method is None and stored is not None and not options:
         return stored
     name = method or (stored.name if stored else "lowres")
+    if stored is not None and stored.name == name:  # options given on top of the checkpoint's own
+        saved = {k: v for k, v in stored.to_dict().items() if k != "name"}
+        return method_options(name, **{**saved, **options})
     return method_options(name, **options)
 
 

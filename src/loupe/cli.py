@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder (Hugging Face LLaVA layout)")
     p.add_argument("--method", choices=sorted(METHODS), default=None, help="method (default: the checkpoint's)")
+    p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option, e.g. -o dominant=54 -o contextual=10 (repeatable)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: as stored (fp16 -> bf16 on CPU)")
     p.add_argument("--device", default="cpu")
 
@@ -129,7 +131,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def _load(args: argparse.Namespace) -> VLM:
     dtype = DTYPES[args.dtype] if args.dtype else None
-    return from_pretrained(args.model, args.method, dtype=dtype, device=args.device)
+    return from_pretrained(args.model, args.method, dtype=dtype, device=args.device, **parse_options(args.option))
 
 
 def run_generation(model: VLM, tok: Tokenizer, image_path: str, prompt: str, sampling: SamplingConfig,
@@ -328,7 +330,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     _model_args(p)
     p.add_argument("--data", required=True, help="LLaVA-format JSON (image paths relative to it)")
     p.add_argument("--out", required=True, help="run folder: train_log.jsonl, checkpoint-*/, final/")
-    p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE", help="method option")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)

@@ -14,10 +14,13 @@ Parts (FLOPs for the whole batch; `loupe.flops` says what is counted):
 
 Conventions:
     flops       (default) the parts above
-    image-macs  the token-pruning papers' count: multiply-accumulates of the LLM over the
-                image tokens only, 4nd^2 + 2n^2d + 3ndm per layer (d width, m MLP width,
-                n image tokens in the sequence; LLaVA-1.5-7B at 576 tokens: 3.82e12), plus
-                half the FLOPs of the method's image-driven extras.
+    image-macs  the token-pruning papers' count (PyramidDrop, SparseVLM): multiply-accumulates
+                of the LLM over the image tokens only, 4nd^2 + 2n^2d + 3ndm per layer (d width,
+                m MLP width, n image tokens in the sequence; LLaVA-1.5-7B at 576 tokens:
+                3.82e12), plus half the FLOPs of the method's image-driven extras.
+    fastv-macs  FastV's formula: 4nd^2 + 2n^2d + 2ndm per layer with n the whole prompt (text
+                and image tokens; only image tokens are pruned) and a 2-matrix MLP term
+                (LLaMA's SwiGLU has 3). Neither counts the vision encoder or GQA.
 Every cost also carries `equivalent_image_tokens`: the n at which plain image tokens in
 every layer would cost the method's image-macs, which puts layer-wise methods
 (FlexAttention, XAttn, VISOR, pruning) on the token-count axis of the papers.
@@ -45,7 +48,12 @@ from loupe.methods import MethodConfig, MethodReport, method_label, parse_method
 from loupe.methods.base import model_method_class
 from loupe.tiny import synth_tiny_config, tiny_config, tiny_onevision_config
 
-CONVENTIONS = ("flops", "image-macs")
+# The token-reduction papers' MAC conventions: PyramidDrop's and SparseVLM's counts the image
+# tokens alone with a 3ndm SwiGLU term ("image-macs"); FastV's formula counts every prompt
+# token (n is the sequence length; only image tokens are pruned) with 2ndm ("fastv-macs").
+# (feed-forward matrices, text rows counted too) per convention.
+MAC_CONVENTIONS = {"image-macs": (3, False), "fastv-macs": (2, True)}
+CONVENTIONS = ("flops", *MAC_CONVENTIONS)
 
 
 @dataclass(frozen=True)
@@ -120,7 +128,7 @@ class Cost:
     def prefill(self) -> float:
         """Everything before the first new token: encoder, projector, prefill (image-macs
         counts the prefill only, so there it is the total)."""
-        if self.convention == "image-macs":
+        if self.convention in MAC_CONVENTIONS:
             return self.total
         return self.part("vision") + self.part("projector") + self.part("prefill")
 
@@ -152,11 +160,13 @@ def estimate(cfg: VLMConfig, options: MethodConfig, workload: Workload | None = 
     seq = w.prompt_tokens + plan.image_tokens  # prompt length P
     image_layers = t.num_layers if plan.image_layers is None else plan.image_layers
     schedule = plan.image_schedule or ((image_layers, plan.image_tokens),)
-    token_macs = sum(layers * image_token_macs(t, n) for layers, n in schedule)
     image_extras = {k: v / 2 for k, v in plan.prefill_extra(seq).items() if k in plan.image_parts}
-    image_macs = token_macs + sum(image_extras.values())
-    if convention == "image-macs":
-        parts = {"image_tokens": token_macs, **image_extras}
+    image_macs = _schedule_macs(t, schedule) + sum(image_extras.values())  # Loupe's token axis: image-macs
+    if convention in MAC_CONVENTIONS:
+        ffn, with_text = MAC_CONVENTIONS[convention]
+        text = w.prompt_tokens if with_text else 0
+        parts = {"prompt_tokens" if with_text else "image_tokens": _schedule_macs(t, schedule, ffn, text),
+                 **image_extras}
         per_token = 0.0
     else:
         prefill_llm = plan.prefill_llm or (lambda n: t.num_layers * decoder_layer(t, n, n))
@@ -190,6 +200,13 @@ def _decode(step: Callable[[int], dict[str, float]], seq: int, steps: int) -> di
         for name, v in step(k).items():
             parts[f"decode.{name}"] = parts.get(f"decode.{name}", 0.0) + v
     return parts
+
+
+def _schedule_macs(t: TextConfig, schedule: tuple[tuple[float, float], ...], ffn: int = 3, text: int = 0) -> float:
+    """MACs of (layers, image tokens) pieces, each layer also holding `text` rows; the layers
+    no piece covers hold the text alone."""
+    rest = max(0.0, t.num_layers - sum(layers for layers, _ in schedule))
+    return sum(layers * image_token_macs(t, n + text, ffn) for layers, n in (*schedule, (rest, 0)))
 
 
 def _equivalent_tokens(t: TextConfig, macs: float) -> float:
@@ -233,7 +250,7 @@ def format_flops(x: float) -> str:
 
 def parts_table(cost: Cost) -> str:
     """One method's parts, largest first, with their share of the total."""
-    unit = "MACs" if cost.convention == "image-macs" else "FLOPs"
+    unit = "MACs" if cost.convention in MAC_CONVENTIONS else "FLOPs"
     lines = [f"| part | {unit} | share |", "|---|---|---|"]
     total = cost.total or 1.0
     for name, v in sorted(cost.parts.items(), key=lambda kv: -kv[1]):
@@ -248,7 +265,7 @@ def compare_table(costs: list[Cost]) -> str:
     lines = ["| method | image tokens | equiv. image tokens | prefill | decode / token | total | total / "
              f"{ref.method['name']} |", "|---|---|---|---|---|---|---|"]
     for c in costs:
-        decode = "-" if c.convention == "image-macs" else format_flops(c.decode_per_token)
+        decode = "-" if c.convention in MAC_CONVENTIONS else format_flops(c.decode_per_token)
         lines.append(f"| {_label(c)} | {c.image_tokens} | {c.equivalent_image_tokens:.0f} | "
                      f"{format_flops(c.prefill)} | {decode} | {format_flops(c.total)} | "
                      f"{c.total / ref.total:.3f} |")
@@ -325,7 +342,9 @@ class FlopsReport:
         return {"model": self.source, **body}
 
     def text(self) -> str:
-        unit = "multiply-accumulates over image tokens" if self.convention == "image-macs" else "FLOPs (2 x MACs)"
+        unit = {"image-macs": "multiply-accumulates over the image tokens (3ndm)",
+                "fastv-macs": "multiply-accumulates over the prompt, FastV's formula (2ndm)"}.get(
+                    self.convention, "FLOPs (2 x MACs)")
         lines = [f"{self.source}: {self.shapes.description}",
                  f"workload: {json.dumps(self.workload.to_dict())}; {unit}", ""]
         if len(self.costs) > 1:

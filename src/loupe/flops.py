@@ -37,8 +37,13 @@ class Workload:
     # (height, width) of the input image, for models whose image tokens depend on it (OneVision's
     # AnyRes); None: the model's reference size (OneVision: its largest pinpoint, the most tokens)
     image_size: tuple[int, int] | None = None
+    # Text tokens after the image (the question and the answer prompt): SparseVLM rates the image
+    # with them; None: all of prompt_tokens.
+    question_tokens: int | None = None
 
     def __post_init__(self) -> None:
+        if self.question_tokens is not None and not 0 <= self.question_tokens <= self.prompt_tokens:
+            raise LoupeError(f"question_tokens={self.question_tokens} must be in 0..prompt_tokens={self.prompt_tokens}")
         for name in ("prompt_tokens", "new_tokens"):
             if getattr(self, name) < 0:
                 raise LoupeError(f"{name}={getattr(self, name)} must not be negative")
@@ -133,7 +138,8 @@ def projector(cfg: VLMConfig, rows: int) -> float:
     return linear(rows, cfg.vision.hidden_size * len(cfg.feature_layers), w) + linear(rows, w, w)
 
 
-def image_token_macs(t: TextConfig, n: float) -> float:
-    """The token-pruning papers' per-layer MACs of n image tokens: 4nd^2 + 2n^2d + 3ndm."""
+def image_token_macs(t: TextConfig, n: float, ffn: int = 3) -> float:
+    """The token-pruning papers' per-layer MACs of n image tokens: 4nd^2 + 2n^2d + ffn*ndm
+    (ffn 3: SwiGLU, PyramidDrop's and SparseVLM's count; 2: FastV's formula)."""
     d, m = t.hidden_size, t.intermediate_size
-    return 4 * n * d * d + 2 * n * n * d + 3 * n * d * m
+    return 4 * n * d * d + 2 * n * n * d + ffn * n * d * m

@@ -78,12 +78,13 @@ class VLM(nn.Module):
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixels (I, 3, S, S) -> projected tokens (I, N, W); S a multiple of the patch size."""
-        self._check_pixels(pixel_values)
+        self.check_pixels(pixel_values)
         feats = self.vision_tower.image_features(pixel_values, self.cfg.feature_layers, self.cfg.feature_strategy,
                                                  self.kernel)  # (I, N, E*)
         return self.projector(feats)  # (I, N, W)
 
-    def _check_pixels(self, pixel_values: torch.Tensor) -> None:
+    def check_pixels(self, pixel_values: torch.Tensor) -> None:
+        """Refuse pixels the tower cannot take: (I, channels, S, S), S a patch multiple, finite."""
         patch, channels, native = self.cfg.vision.patch_size, self.cfg.vision.num_channels, self.cfg.vision.image_size
         shape = tuple(pixel_values.shape)
         if len(shape) != 4 or shape[1] != channels or shape[2] != shape[3] or (shape[2] % patch and shape[2] != native):

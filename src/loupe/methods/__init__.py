@@ -1,6 +1,6 @@
 """Methods: how image tokens reach the decoder. Importing this package registers them."""
 
-from loupe.methods import fastv, flexattn, hd, lowres, onevision, pdrop, visor, xattn  # noqa: E402,F401,I001  (registers the methods)
+from loupe.methods import fastv, flexattn, hd, hired, lowres, onevision, pdrop, sparsevlm, visionzip, visor, xattn  # noqa: E402,F401,I001  (registers the methods)
 from loupe.methods.base import (
     METHODS,
     ImageFeatures,

@@ -116,8 +116,9 @@ class FastV(Method):
             index, valid = torch.arange(t, device=x.device).expand(b, t), tokens.row_valid
         x, probs = layer.forward_rows(x, tokens.ctx, cache, Rows(index, valid))  # probs (B, H, R, Tk)
         probs = probs[..., -t:].mean(1)  # (B, R, T): over heads, this call's columns (no cache at prefill)
-        weights = valid.float()[..., None]  # (B, R, 1)
-        scores = (probs * weights).sum(1) / weights.sum(1).clamp_min(1)  # (B, T) mean over the ranking rows
+        weights = valid[..., None]  # (B, R, 1)
+        probs = torch.where(weights, probs, 0.0)  # a left-padding row sees no key: its softmax is NaN
+        scores = probs.sum(1) / weights.sum(1).clamp_min(1)  # (B, T) mean over the ranking rows
         return x, scores.masked_fill(~tokens.image, 0.0)
 
     def keep_mask(self, scores: torch.Tensor, tokens: TokenSet) -> torch.Tensor:

@@ -25,8 +25,10 @@ methods here take those inputs:
   multiple of the block grid this is the official nearest upsample); the HR keys' RoPE angles are the overview
   positions' angles resampled bicubically to H x L. The overview is squashed, not padded,
   so no LR cell is margin;
-- `fastv`, `pdrop`: FastV and PyramidDrop over the whole AnyRes sequence (newlines
-  included), each image keeping its own share of its own tokens.
+- `fastv`, `pdrop`, `sparsevlm`: FastV, PyramidDrop and SparseVLM over the whole AnyRes
+  sequence (newlines included), each image keeping its own share of its own tokens;
+- `visionzip`, `hired`: the vision-side reductions on every crop (overview and tiles), with
+  Loupe's substitute for the class token SigLIP lacks (`signal="mean"`, named in their labels).
 
 A method that has no OneVision form yet is refused by `build_method` with the list of
 those that have one (`loupe.methods.base.FAMILY_METHODS`), never run on inputs it would misread.
@@ -39,7 +41,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from loupe.anyres import Layout, grid_tokens, layout
+from loupe.anyres import Layout, check_tiles, grid_tokens, layout, reference_size, used_tiles
 from loupe.config import VLMConfig
 from loupe.errors import ConfigError, LoupeError
 from loupe.flops import CostPlan, Workload
@@ -48,8 +50,11 @@ from loupe.methods.base import ImageFeatures, ImageInputs, Method, MethodConfig,
 from loupe.methods.fastv import FastV, FastVConfig, with_pruned_layers
 from loupe.methods.flexattn import FlexAttention, FlexAttnConfig, FlexState
 from loupe.methods.hd import HDConfig
+from loupe.methods.hired import HiRED, HiREDConfig, anyres_hired_plan, anyres_hired_tokens, hired_anyres
 from loupe.methods.lowres import LowResConfig
 from loupe.methods.pdrop import PDropConfig, PyramidDrop, with_stages
+from loupe.methods.sparsevlm import SparseVLM, SparseVLMConfig, with_sparse_layers
+from loupe.methods.visionzip import VisionZip, VisionZipConfig, anyres_zip_plan, anyres_zip_tokens, zip_anyres
 from loupe.methods.visor import Visor, VisorConfig
 from loupe.methods.xattn import XAttn, XAttnConfig
 from loupe.nn.rope import Rope
@@ -58,31 +63,10 @@ if TYPE_CHECKING:
     from loupe.vlm import VLM
 
 
-def check_tiles(cfg: VLMConfig, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> list[Layout]:
-    """Refuse OneVision inputs of the wrong shape; the layout of every image."""
-    s, channels = cfg.vision.image_size, cfg.vision.num_channels
-    shape = tuple(pixel_values.shape)
-    if len(shape) != 5 or shape[2:] != (channels, s, s):
-        raise LoupeError(f"pixel_values of shape {shape}: a OneVision model takes AnyRes tiles (images, tiles, "
-                         f"{channels}, {s}, {s}), overview first, as `loupe.anyres.AnyResProcessor` makes them")
-    if image_sizes is None or tuple(image_sizes.shape) != (shape[0], 2):
-        got = None if image_sizes is None else tuple(image_sizes.shape)
-        raise LoupeError(f"a OneVision model needs image_sizes ({shape[0]}, 2), the (height, width) of each "
-                         f"image, to know its tile grid; got {got}")
-    if not torch.isfinite(pixel_values).all():
-        raise LoupeError("pixel_values contain NaN or infinity")
-    return [layout(cfg, int(h), int(w)) for h, w in image_sizes.tolist()]
-
-
 def encode_tiles(vlm: VLM, pixel_values: torch.Tensor, layouts: list[Layout]) -> list[torch.Tensor]:
     """Each image's projected tile features (P_i, n, W), overview first; one encoder pass over
     exactly the tiles the images use (padding tiles never run)."""
-    needed = [lay.patches for lay in layouts]
-    if max(needed) > pixel_values.shape[1]:
-        i = needed.index(max(needed))
-        raise LoupeError(f"image {i} needs {needed[i]} tiles (overview + {layouts[i].tiles_rows}x"
-                         f"{layouts[i].tiles_cols}) for its size, but pixel_values hold {pixel_values.shape[1]}")
-    flat = torch.cat([px[:p] for px, p in zip(pixel_values, needed, strict=True)])  # (sum P_i, 3, s, s)
+    flat, needed = used_tiles(pixel_values, layouts)
     return list(vlm.image_features(flat).split(needed))  # each (P_i, n, W)
 
 
@@ -192,6 +176,21 @@ class OneVisionVisor(WholeSequence, Visor):
         assert isinstance(options, VisorConfig)
         check_no_hr_size("visor", options)
         options.validate_layers(cfg)
+        options.validate_front_end(cfg)
+
+    def tokens_for(self, height: int, width: int) -> int:
+        front = self.options.front_end()  # VisionZip on every crop, as `visionzip` on OneVision
+        return super().tokens_for(height, width) if front is None else anyres_zip_tokens(self.cfg, front, height,
+                                                                                         width)
+
+    def feature_key(self) -> tuple[object, ...]:
+        front = self.options.front_end()
+        return ("anyres", self.name) + (() if front is None else tuple(sorted(front.to_dict().items())))
+
+    def encode(self, vlm: VLM, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> ImageInputs:
+        front = self.options.front_end()
+        return super().encode(vlm, pixel_values, image_sizes) if front is None else zip_anyres(
+            vlm, pixel_values, image_sizes, front)
 
     def check_image_tokens(self, counts: torch.Tensor, images: ImageInputs) -> None:
         lengths = [int(s.shape[0]) for s in images.sequence]
@@ -204,7 +203,8 @@ class OneVisionVisor(WholeSequence, Visor):
 
     @classmethod
     def visual_plan(cls, cfg: VLMConfig, options: VisorConfig, workload: Workload) -> tuple[CostPlan, int]:
-        plan = anyres_plan(cfg, workload)
+        front = options.front_end()
+        plan = anyres_plan(cfg, workload) if front is None else anyres_zip_plan(cfg, front, workload)
         return plan, plan.image_tokens
 
     @classmethod
@@ -340,6 +340,66 @@ class OneVisionPyramidDrop(WholeSequence, PyramidDrop):
         return with_stages(anyres_plan(cfg, workload), cfg, options)
 
 
+@register_family("anyres")
+class OneVisionSparseVLM(WholeSequence, SparseVLM):
+    """SparseVLM on OneVision: the whole AnyRes sequence (newlines included) is rated, pruned
+    and recycled, each image's budget its preset scaled to its own token count."""
+
+    name = "sparsevlm"
+    config_class = SparseVLMConfig
+
+    @classmethod
+    def cost_plan(cls, cfg: VLMConfig, options: MethodConfig, workload: Workload) -> CostPlan:
+        assert isinstance(options, SparseVLMConfig)
+        return with_sparse_layers(anyres_plan(cfg, workload), cfg, options, workload)
+
+
+@register_family("anyres")
+class OneVisionVisionZip(OneVisionMethod, VisionZip):
+    """VisionZip on OneVision: every crop (overview, tiles) reduced on its own with Loupe's
+    substitute signal, the crops' tokens concatenated (`loupe.methods.visionzip`)."""
+
+    name = "visionzip"
+    config_class = VisionZipConfig
+
+    def tokens_for(self, height: int, width: int) -> int:
+        return anyres_zip_tokens(self.cfg, self.options, height, width)
+
+    def feature_key(self) -> tuple[object, ...]:
+        return ("anyres", *VisionZip.feature_key(self))
+
+    def encode(self, vlm: VLM, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> ImageInputs:
+        return zip_anyres(vlm, pixel_values, image_sizes, self.options)
+
+    @classmethod
+    def cost_plan(cls, cfg: VLMConfig, options: MethodConfig, workload: Workload) -> CostPlan:
+        assert isinstance(options, VisionZipConfig)
+        return anyres_zip_plan(cfg, options, workload)
+
+
+@register_family("anyres")
+class OneVisionHiRED(OneVisionMethod, HiRED):
+    """HiRED on OneVision's crops: the budget split between the overview and the tiles by the
+    overview's early attention (`loupe.methods.hired`)."""
+
+    name = "hired"
+    config_class = HiREDConfig
+
+    def tokens_for(self, height: int, width: int) -> int:
+        return anyres_hired_tokens(self.cfg, self.options, height, width)
+
+    def feature_key(self) -> tuple[object, ...]:
+        return ("anyres", *HiRED.feature_key(self))
+
+    def encode(self, vlm: VLM, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> ImageInputs:
+        return hired_anyres(vlm, pixel_values, image_sizes, self.options)
+
+    @classmethod
+    def cost_plan(cls, cfg: VLMConfig, options: MethodConfig, workload: Workload) -> CostPlan:
+        assert isinstance(options, HiREDConfig)
+        return anyres_hired_plan(cfg, options, workload)
+
+
 def overview_and_grid(vlm: VLM, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> ImageInputs:
     """The overview's tokens (I, n, W) for the sequence, and each image's AnyRes grid (no
     newlines) beside it: (I, M_max, W), padded, with its validity (I, M_max)."""
@@ -388,12 +448,3 @@ def anyres_plan(cfg: VLMConfig, workload: Workload) -> CostPlan:
     s, n = cfg.vision.image_size, cfg.vision.grid**2
     return CostPlan(image_tokens=lay.tokens, vision={"vision.lr": (s, 1), "vision.hr": (s, lay.patches - 1)},
                     projector_rows=lay.patches * n)
-
-
-def reference_size(cfg: VLMConfig) -> tuple[int, int]:
-    """The image size the cost model assumes when the workload names none: the largest
-    pinpoint, square - the most tokens OneVision gives an image (7,371 at the published
-    0.5B's settings: 729 overview + 81 x 82 downsampled grid with newlines)."""
-    side = max(max(p) for p in cfg.image_grid_pinpoints)
-    return side, side
-

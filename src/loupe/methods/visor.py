@@ -76,7 +76,8 @@ from loupe.methods.base import (
     register,
 )
 from loupe.methods.hd import HDConfig
-from loupe.methods.highres import HighResMethod, TiledConfig, tiled_plan
+from loupe.methods.highres import HighResMethod, TiledConfig, low_res, tiled_plan, tiles
+from loupe.methods.visionzip import VisionZipConfig, zip_flops, zipped_tokens
 from loupe.nn.decoder import DecoderLayer, RMSNorm
 from loupe.nn.fusion import CrossAttention, FusedLayer
 from loupe.nn.kv_cache import LayerCache
@@ -98,6 +99,14 @@ class VisorConfig(TiledConfig):
     configuration: str | int = "max"  # max | min | sample | router | index into configurations
     conv_kernel: int = 7  # conditional position embedding: depthwise 1-D convolution
     router_hidden: int = 0  # 0: the text width
+    # A token-reduction front end on the visual stream (the paper's VISOR + 2x reduction): VisionZip
+    # keeps this fraction of every crop's tokens (0.5: 2x); None: every visual token.
+    visionzip: float | None = None
+    visionzip_signal: str = "class"  # its attention signal: class | mean (Loupe's, a tower without class token)
+
+    def front_end(self) -> VisionZipConfig | None:
+        """The VisionZip options of the front end (its default 54:10 split of the budget), if any."""
+        return None if self.visionzip is None else VisionZipConfig(ratio=self.visionzip, signal=self.visionzip_signal)
 
     def resolved_ca(self, cfg: VLMConfig) -> list[int]:
         if self.ca_layers is not None:
@@ -121,13 +130,25 @@ class VisorConfig(TiledConfig):
 
     def variant(self, cfg: VLMConfig) -> str:
         if not isinstance(self.configuration, int):
-            return self.configuration
-        layers = self.resolved_configurations(cfg)[self.configuration]
-        return "SA " + (",".join(map(str, layers)) if layers else "none")
+            chosen = self.configuration
+        else:
+            layers = self.resolved_configurations(cfg)[self.configuration]
+            chosen = "SA " + (",".join(map(str, layers)) if layers else "none")
+        front = self.front_end()
+        return chosen if front is None else f"{chosen}, visionzip {self.visionzip:g} ({front.variant(cfg)})"
 
     def validate(self, cfg: VLMConfig) -> None:
         super().validate(cfg)
         self.validate_layers(cfg)
+        self.validate_front_end(cfg)
+
+    def validate_front_end(self, cfg: VLMConfig) -> None:
+        front = self.front_end()
+        if front is not None:
+            try:
+                front.validate(cfg)
+            except ConfigError as e:
+                raise ConfigError(f"visor's visionzip front end: {e}") from None
 
     def validate_layers(self, cfg: VLMConfig) -> None:
         """The layer placement and configurations (apart from how the visual tokens are made)."""
@@ -266,9 +287,30 @@ class Visor(HighResMethod):
 
     # ---- images: LR + HR, all in the visual stream ----------------------------------------------------
     def tokens_per_image(self) -> int:
+        front = self.options.front_end()
+        if front is not None:  # every crop (the LR image, each HR tile) keeps its VisionZip tokens
+            return (1 + (self.hr_size // self.cfg.vision.image_size) ** 2) * front.kept(self.cfg)
         return self.cfg.tokens_per_image + (self.hr_size // self.cfg.vision.patch_size) ** 2
 
+    def feature_key(self) -> tuple[object, ...]:
+        front = self.options.front_end()
+        return super().feature_key() + (() if front is None else tuple(sorted(front.to_dict().items())))
+
+    def features(self, vlm: VLM, pixel_values: torch.Tensor) -> ImageFeatures:
+        """LR and HR features; with the front end, each crop's VisionZip tokens, LR crop first,
+        then the HR tiles in row-major order: (I, (1 + k*k) * K, W) as the LR part."""
+        front = self.options.front_end()
+        if front is None:
+            return super().features(vlm, pixel_values)
+        native, images = self.cfg.vision.image_size, pixel_values.shape[0]
+        lr = low_res(pixel_values, native)[:, None]  # (I, 1, 3, s, s)
+        hr = tiles(pixel_values, native).view(images, -1, *lr.shape[2:])  # (I, k*k, 3, s, s)
+        crops = torch.cat([lr, hr], dim=1).flatten(0, 1)  # (I * (1 + k*k), 3, s, s)
+        return ImageFeatures(zipped_tokens(vlm, crops, front).view(images, -1, self.cfg.text.hidden_size))
+
     def assemble(self, features: ImageFeatures, image_sizes: torch.Tensor | None = None) -> ImageInputs:
+        if self.options.front_end() is not None:
+            return ImageInputs(features.lr)  # (I, Nv, W): the reduced crops
         return ImageInputs(torch.cat([features.lr, self.hr_of(features)], dim=1))  # (I, N + M, W)
 
     def check_image_tokens(self, counts: torch.Tensor, images: ImageInputs) -> None:
@@ -523,8 +565,10 @@ class Visor(HighResMethod):
         def cross(rows: int) -> float:
             return 2 * linear(rows, w, inner) + attention(rows, nv, t.num_heads, t.head_dim)
 
+        front = plan.prefill_extra  # the visual plan's own (a front end's selection)
+
         def prefill_extra(seq: int) -> dict[str, float]:
-            parts = {"cross_attention": sum(cross(text_rows(seq - nv, i)) for i in ca),
+            parts = {**front(seq), "cross_attention": sum(cross(text_rows(seq - nv, i)) for i in ca),
                      "cross_kv": len(ca) * (2 * linear(nv, w, inner) + 2 * nv * w * options.conv_kernel)}
             if routing:
                 parts["router"] = linear(1, w, hidden) + linear(1, hidden, len(configs))
@@ -540,9 +584,16 @@ class Visor(HighResMethod):
 
     @classmethod
     def visual_plan(cls, cfg: VLMConfig, options: VisorConfig, workload: Workload) -> tuple[CostPlan, int]:
-        """The encoder's part of the plan, and Nv: LR + the k x k HR tiles."""
+        """The encoder's part of the plan, and Nv: LR + the k x k HR tiles (with the front end:
+        each crop's VisionZip tokens, only those projected)."""
         plan, m = tiled_plan(cfg, options.resolved_hr_size(cfg))
-        return plan, cfg.tokens_per_image + m
+        front = options.front_end()
+        if front is None:
+            return plan, cfg.tokens_per_image + m
+        crops = 1 + (options.resolved_hr_size(cfg) // cfg.vision.image_size) ** 2
+        nv, work = crops * front.kept(cfg), crops * zip_flops(cfg, front)
+        plan.projector_rows, plan.prefill_extra = nv, lambda seq: {"token_selection": work}
+        return plan, nv
 
     @classmethod
     def budgets(cls, cfg: VLMConfig, options: MethodConfig) -> list[MethodConfig]:

@@ -11,12 +11,30 @@ biased patch embedding and a GELU-tanh MLP; neither tower's post-layernorm is re
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from loupe.config import VisionConfig, VLMConfig
-from loupe.nn.attention import Kernel, attend
+from loupe.errors import ConfigError
+from loupe.nn.attention import Kernel, attend, row_attention
+
+# Whose attention a probed layer reports: the class token's row (CLIP; computed explicitly,
+# the other rows stay fused) or the mean over every row (a tower without a class token:
+# the attention each token receives, from the layer's full eager probabilities).
+ProbeQuery = Literal["class", "mean"]
+PROBE_QUERIES: tuple[ProbeQuery, ...] = ("class", "mean")
+
+
+@dataclass
+class LayerProbe:
+    """What a probed encoder layer saw (the token-reduction peers' signals)."""
+
+    attention: torch.Tensor  # (B, H, T) the probe query's float32 attention over the layer's T tokens
+    keys: torch.Tensor  # (B, T, D) the layer's keys averaged over heads (VisionZip's merging metric)
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -99,6 +117,25 @@ class VisionAttention(nn.Module):
         out, _ = attend(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)), kernel=kernel)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))  # (B, 1+N, E)
 
+    def probed(self, x: torch.Tensor, kernel: Kernel, query: ProbeQuery) -> tuple[torch.Tensor, LayerProbe]:
+        """`forward`, and the probe: `query`'s attention (B, H, T) and the head-mean keys."""
+        b, n, _ = x.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        if query == "class":
+            out, _ = attend(q, k, v, kernel=kernel)
+            every = torch.ones(b, 1, n, dtype=torch.bool, device=x.device)
+            _, probs = row_attention(q[:, :, :1], k, None, every)  # (B, H, 1, T)
+            seen = probs[:, :, 0]  # (B, H, T)
+        else:
+            out, probs = attend(q, k, v, kernel=kernel, need_probs=True)  # probs (B, H, T, T)
+            seen = probs.float().mean(2)  # (B, H, T): attention received, averaged over the rows
+        out = self.out_proj(out.transpose(1, 2).reshape(b, n, -1))  # (B, T, E)
+        return out, LayerProbe(seen, k.mean(1))
+
 
 class VisionMLP(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
@@ -122,6 +159,11 @@ class VisionLayer(nn.Module):
     def forward(self, x: torch.Tensor, kernel: Kernel) -> torch.Tensor:
         x = x + self.self_attn(self.layer_norm1(x), kernel)
         return x + self.mlp(self.layer_norm2(x))
+
+    def probed(self, x: torch.Tensor, kernel: Kernel, query: ProbeQuery) -> tuple[torch.Tensor, LayerProbe]:
+        attn, probe = self.self_attn.probed(self.layer_norm1(x), kernel, query)
+        x = x + attn
+        return x + self.mlp(self.layer_norm2(x)), probe
 
 
 class VisionTower(nn.Module):
@@ -147,14 +189,27 @@ class VisionTower(nn.Module):
         Hidden state i is the input of layer i (0 = the embeddings), as in transformers'
         `hidden_states`; negative indices count from the last layer's output.
         """
+        return self.trace(pixels, feature_layers, kernel)[0]
+
+    def trace(self, pixels: torch.Tensor, feature_layers: list[int], kernel: Kernel = "sdpa",
+              probes: tuple[int, ...] = (), query: ProbeQuery = "class") -> tuple[torch.Tensor, dict[int, LayerProbe]]:
+        """`forward`'s features (class token included), and a `LayerProbe` of each encoder
+        layer in `probes` (0-based layer indices; `feature_layer_index` names the one whose
+        output a feature layer reads)."""
         count = self.cfg.num_layers + 1
         wanted = [i % count for i in feature_layers]
         x = self.embed(pixels)  # (B, 1+N, E)
-        states = {0: x}
-        for i, layer in enumerate(self.layers[: max(wanted)], start=1):
-            x = layer(x, kernel)
-            states[i] = x
-        return torch.cat([states[i] for i in wanted], dim=-1)
+        states, found = {0: x}, {}
+        for i, layer in enumerate(self.layers[: max(wanted)]):
+            if i in probes:
+                x, found[i] = layer.probed(x, kernel, query)
+            else:
+                x = layer(x, kernel)
+            states[i + 1] = x
+        missing = sorted(set(probes) - set(found))
+        if missing:
+            raise ValueError(f"probe layers {missing} do not run: the features need layers 0..{max(wanted) - 1}")
+        return torch.cat([states[i] for i in wanted], dim=-1), found
 
     def image_features(self, pixels: torch.Tensor, feature_layers: list[int], strategy: str,
                        kernel: Kernel = "sdpa") -> torch.Tensor:
@@ -162,6 +217,17 @@ class VisionTower(nn.Module):
         token) or (B, 1+N, E*) with it ("full")."""
         feats = self(pixels, feature_layers, kernel)  # (B, 1+N, E*)
         return feats[:, 1:] if strategy == "default" and self.has_class_token else feats
+
+
+def feature_layer_index(cfg: VLMConfig) -> int:
+    """The 0-based encoder layer whose output is the model's (single) feature layer."""
+    if len(cfg.feature_layers) != 1:
+        raise ConfigError(f"feature layers {cfg.feature_layers}: this method reads one encoder layer's attention "
+                          "and needs a single feature layer")
+    index = cfg.feature_layers[0] % (cfg.vision.num_layers + 1) - 1
+    if index < 0:
+        raise ConfigError(f"feature layer {cfg.feature_layers[0]} is the embeddings: no attention to read")
+    return index
 
 
 class SiglipTower(VisionTower):
