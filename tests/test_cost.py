@@ -29,6 +29,12 @@ METHODS = {
     "hired": {"rate": 0.3},
     "sparsevlm": {"layers": [0, 2], "keep": [9, 5]},
     "sparsevlm-preset": {"retain": 64},
+    # over LLaVA-HD's tiled sequence (VISOR's comparison): the LR image + 2 x 2 native tiles
+    "fastv-hd": {"hr_size": 112, "keep": 20},
+    "pdrop-hd": {"hr_size": 112, "layers": [1, 3]},
+    "sparsevlm-hd": {"hr_size": 112, "layers": [0, 2], "ratios": [0.5, 0.25]},
+    "visionzip-hd": {"hr_size": 112, "dominant": 6, "contextual": 3},
+    "hired-hd": {"hr_size": 112, "rate": 0.3},
 }
 
 

@@ -238,8 +238,15 @@ def test_reproduce_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     labels = [r["label"] for r in report["runs"]]
     assert labels[:9] == ["lowres", "hd", "xattn", "flexattn", "flexattn-oracle", "flexattn-random",
                           "flexattn-center", "flexattn@2x", "flexattn@4x"]
-    assert labels[9] == "visor [SA none]" and labels[11] == "visor [SA 1,3]" and labels[12:] == ["visor-router",
-                                                                                                 "visor-router-all"]
+    assert labels[9] == "visor [SA none]" and labels[11] == "visor [SA 1,3]" and labels[12:14] == [
+        "visor-router", "visor-router-all"]
+    peers = ["fastv", "pdrop", "sparsevlm", "visionzip", "hired"]
+    assert [label.split(" @ ")[0] for label in labels[14:]] == peers * 2  # at VISOR's smallest, then FlexAttention's
+    targets = {"visor-min": report["runs"][9]["llm_prefill_gflops"], "flexattn": report["runs"][3]["llm_prefill_gflops"]}
+    for row in report["runs"][14:]:  # each fits its target's LLM prefill, or says it cannot
+        target = row["label"].split(" @ ")[1].split(" ")[0]
+        assert row["llm_prefill_gflops"] <= targets[target] + 1e-9 or row["label"].endswith("(over budget)")
+        assert row["method"]["hr_size"] == 192  # on the hd model's LR image + 3 x 3 tiles
     visor = [r for r in report["runs"] if r["label"].startswith("visor [")]
     assert [r["accuracy"]["sa_layers"] for r in visor] == [0, 1, 2]
     llm = [r["llm_prefill_gflops"] for r in visor]
@@ -249,7 +256,7 @@ def test_reproduce_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert by["flexattn"]["gflops"] < by["hd"]["gflops"] and by["flexattn@2x"]["gflops"] < by["flexattn@4x"]["gflops"]
     assert 0 < by["flexattn"]["accuracy"]["selected_fraction"] <= 1
     assert by["hd"]["accuracy"]["selected_fraction"] is None
-    assert len(report["claims"]) == 12 and (out / "results.png").stat().st_size > 1000
+    assert len(report["claims"]) == 16 and (out / "results.png").stat().st_size > 1000
     assert by["flexattn-oracle"]["accuracy"]["tag_hit"] == 100.0  # the oracle holds every named tag
     assert by["flexattn"]["accuracy"]["tag_hit"] is not None and by["lowres"]["accuracy"]["tag_hit"] is None
     looks = json.loads((out / "overlays" / "looks.json").read_text())

@@ -380,13 +380,16 @@ def test_image_beyond_the_positions_names_both_numbers(tmp_path: Path) -> None:
 
 
 # ---- end to end -------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["lowres", "hd", "visor", "xattn", "flexattn", "fastv", "pdrop"])
+@pytest.mark.parametrize("method", ["lowres", "hd", "visor", "xattn", "flexattn", "fastv", "pdrop", "sparsevlm",
+                                    "visionzip", "hired"])
 def test_loupe_generate_on_onevision(hf_ov, tmp_path: Path, method: str, capsys: pytest.CaptureFixture[str]) -> None:
     """Every method end to end through the CLI: converted from the OneVision folder, then
     `loupe generate` streams the answer the Python API gives."""
     _, path = hf_ov
     # the tiny overview is 3 x 3 patches; the tiny decoder has 2 layers (FastV's default k = 2 needs 3)
-    options = {"flexattn": ["-o", "pool=3"], "fastv": ["-o", "k=1"]}.get(method, [])  # pdrop: stage at layer 1
+    options = {"flexattn": ["-o", "pool=3"], "fastv": ["-o", "k=1"], "sparsevlm": ["-o", "layers=[0]"],
+               "visionzip": ["-o", "signal=mean", "-o", "dominant=4", "-o", "contextual=2"],
+               "hired": ["-o", "signal=mean"]}.get(method, [])  # pdrop: stage at layer 1
     converted = tmp_path / method
     assert main(["convert", str(path), str(converted), "--method", method, *options]) == 0
     image = tmp_path / "odd.png"
@@ -405,8 +408,9 @@ def test_loupe_generate_on_onevision(hf_ov, tmp_path: Path, method: str, capsys:
     assert tok.decode(direct[0].tolist()) == expected  # no BOS for Qwen2, the prompt as the processor builds it
     assert main(["info", "--model", str(converted), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
+    at_most = {"visionzip": 37 * 6, "hired": int(37 * 9 * 0.2)}.get(method, 99)  # 37 crops at the largest pinpoint
     assert info["image_tokens_per_image"] == ("9" if method in ("lowres", "xattn", "flexattn")
-                                              else "by image size, at most 99")
+                                              else f"by image size, at most {at_most}")
 
 
 def test_flops_reads_a_onevision_folder(hf_ov, capsys: pytest.CaptureFixture[str]) -> None:
@@ -793,3 +797,11 @@ def test_visor_with_a_visionzip_front_end_on_onevision(hf_ov) -> None:
     torch.testing.assert_close(got, expected, **TOL)
     with pytest.raises(ConfigError, match="visor's visionzip front end: visionzip signal='class'"):
         loupe.from_pretrained(path, "visor", visionzip=0.5)
+
+
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "sparsevlm", "visionzip", "hired"])
+def test_token_reduction_on_onevision_takes_no_hr_size(hf_ov, method: str) -> None:
+    _, path = hf_ov
+    with pytest.raises(ConfigError, match=f"{method} on a OneVision model takes its AnyRes tiles.*hr_size=84"):
+        loupe.from_pretrained(path, method, hr_size=84, signal="mean") if method in ("visionzip", "hired") else \
+            loupe.from_pretrained(path, method, hr_size=84)

@@ -156,6 +156,9 @@ def test_bad_options_are_named(hf_deep: Path) -> None:
                            ({"recycle_ratio": 0.0}, "recycle_ratio=0.0")):
         with pytest.raises(ConfigError, match=match):
             loupe.from_pretrained(hf_deep, "sparsevlm", **options)
+    model = loupe.from_pretrained(hf_deep, "sparsevlm", dtype=torch.float32, layers=[1], keep=[17])
+    with pytest.raises(ConfigError, match="keep=\\[17\\] asks for 17 tokens, more than the image's 16"):
+        model(prompt_ids(5, 16, seed=1), pixels(1, seed=1))
 
 
 def test_loupe_generate_runs_sparsevlm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

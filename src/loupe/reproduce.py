@@ -47,7 +47,7 @@ from loupe.errors import LoupeError
 from loupe.evaluate import EvalResult, RunFor, evaluate, prefill_latency, tag_boxes
 from loupe.files import write_atomic, write_json
 from loupe.flops import Workload
-from loupe.methods import RunOptions
+from loupe.methods import RunOptions, method_options
 from loupe.methods.flexattn import FlexRun
 from loupe.methods.visor import VisorRun
 from loupe.text import Tokenizer
@@ -67,6 +67,20 @@ FLEX = {"first_layer": 2, "pool": 4, "threshold": 128.0}
 # 4 subsets (0, 1 or 2 SA layers), the routing token read after layer 0 (CA: it has seen the image).
 VISOR = {"hr_size": 3 * NATIVE, "ca_layers": [0, 2], "sa_layers": [1, 3]}
 SCENES = SynthConfig(native=NATIVE)
+# The token-reduction peers, training-free, on the fine-tuned `hd` model's own visual tokens
+# (the LR image + the 3 x 3 tiles: what VISOR keeps out of the text stream), each with one
+# knob x in (0, 1] - the share of the visual tokens it keeps - set per row to the largest x
+# whose LLM prefill FLOPs fit a target (VISOR's smallest budget's, FlexAttention's). The
+# knob shapes follow each method's defaults: SparseVLM's "retain 192" proportions over its
+# three pruning layers, FastV at K=2, PyramidDrop at its default stages.
+HD_TOKENS = (NATIVE // 8) ** 2 + (3 * NATIVE // 8) ** 2  # 64 LR + 576 HR visual tokens of the synth-tiny model
+REDUCTIONS: dict[str, Any] = {
+    "fastv": lambda x: {"keep": max(1, round(x * HD_TOKENS))},
+    "pdrop": lambda x: {"ratio": x},
+    "sparsevlm": lambda x: {"ratios": [x, x * 200 / 300, x * 110 / 300]},
+    "visionzip": lambda x: {"ratio": x},
+    "hired": lambda x: {"rate": x},
+}
 
 
 @dataclass(frozen=True)
@@ -228,9 +242,10 @@ class RunResult:
 
 def finetune(run: Run, base: Path, train_ex: Sequence[Example], test_ex: Sequence[Example], tok: Tokenizer,
              plan: Plan, store: FeatureStore, out: Path, seed: int, progress: bool,
-             ablation_ratio: float | None, looks: dict[str, list[viz.Look]] | None = None) -> list[RunResult]:
+             ablation_ratio: float | None, looks: dict[str, list[viz.Look]] | None = None,
+             trained: dict[str, VLM] | None = None) -> list[RunResult]:
     """Fine-tune `run` from the base and assess it (and, for `run.oracle`, the same model with
-    oracle selection)."""
+    oracle selection); the model is kept in `trained` under its label."""
     options = dict(run.options)
     if run.ablation and ablation_ratio is not None:
         options["ablation_ratio"] = ablation_ratio
@@ -238,6 +253,8 @@ def finetune(run: Run, base: Path, train_ex: Sequence[Example], test_ex: Sequenc
     model = from_pretrained(base, run.method, dtype=torch.float32, **options)
     seconds, log = _train(model, train_ex, tok, plan.finetune, store, out, seed, progress, run.label)
     result = assess(run.label, model, test_ex, tok, plan, store, out, progress, seconds, log[-1]["loss"])
+    if trained is not None:
+        trained[run.label] = model
     if run.method == "flexattn" and looks is not None and run.label in OVERLAID:
         looks[run.label] = [_look(model, tok, ex, run.label) for ex in overlay_questions(test_ex)]
     if not run.oracle:
@@ -373,6 +390,43 @@ def visor_runs(base: Path, train_ex: Sequence[Example], val_ex: Sequence[Example
     return rows
 
 
+def reduction_runs(hd: VLM, hd_loss: float, targets: dict[str, float], test_ex: Sequence[Example], tok: Tokenizer,
+                   plan: Plan, store: FeatureStore, out: Path, progress: bool) -> list[RunResult]:
+    """Every token-reduction peer on the trained `hd` model's weights, once per target (LLM
+    prefill GFLOPs per sample, by name), at the largest knob that fits it (`REDUCTIONS`); a
+    method that cannot get down to a target runs at its cheapest setting, flagged over budget.
+    Training-free: no training seconds of their own, the hd run's final loss."""
+    samples, _ = tokenize(test_ex, tok, hd.method.tokens_per_image())
+    workload = _workload(samples, tok.image_token_id, None)
+    rows = []
+    for target, gflops in targets.items():
+        for name, knob in REDUCTIONS.items():
+            options, fits = fit_budget(hd.cfg, name, knob, gflops, workload)
+            model = VLM(hd.cfg, method_options(name, hr_size=3 * NATIVE, **options)).eval()
+            model.load_state_dict(hd.state_dict())  # these methods add no weights: the hd model as trained
+            label = f"{name} @ {target}" + ("" if fits else " (over budget)")
+            rows.append(assess(label, model, test_ex, tok, plan, store, out / f"{name}-{target}", progress, 0.0,
+                               hd_loss))
+    return rows
+
+
+def fit_budget(cfg: Any, name: str, knob: Any, gflops: float, workload: Workload) -> tuple[dict[str, Any], bool]:
+    """The options of the largest knob x in (0, 1] whose LLM prefill fits `gflops` (bisection
+    on the cost model), and whether any does (else the cheapest, x = 1 / HD_TOKENS)."""
+    def cost(x: float) -> float:
+        return estimate(cfg, method_options(name, hr_size=3 * NATIVE, **knob(x)), workload).part("prefill") / 1e9
+
+    low, high = 1 / HD_TOKENS, 1.0
+    if cost(low) > gflops:
+        return knob(low), False
+    if cost(high) <= gflops:
+        return knob(high), True
+    for _ in range(20):
+        mid = (low + high) / 2
+        low, high = (mid, high) if cost(mid) <= gflops else (low, mid)
+    return knob(low), True
+
+
 def _workload(samples: Sequence[Sample], image_token_id: int, selected: float | None,
               mix: tuple[float, ...] | None = None) -> Workload:
     """The test split's mean prompt text tokens and answer tokens (with </s>)."""
@@ -384,11 +438,13 @@ def _workload(samples: Sequence[Sample], image_token_id: int, selected: float | 
 def reproduce(out: str | Path, quick: bool = False, seed: int = 0, overwrite: bool = False,
               progress: bool = True, runs: Sequence[Run] = RUNS, with_visor: bool = True, stage: str = "all",
               base: str | Path | None = None, from_scratch: bool = False,
-              resolutions: bool = False, base_steps: int | None = None) -> dict[str, Any]:
+              resolutions: bool = False, base_steps: int | None = None,
+              with_reductions: bool = True) -> dict[str, Any]:
     """The reproduction in `out` (`stage="base"`: only train the base and write its manifest).
     The base: `base` (a folder made by `--stage base`), else the shipped one, else - with
     `from_scratch` - trained here, for `base_steps` steps if given. `resolutions`: also
-    FlexAttention at 2x and 4x."""
+    FlexAttention at 2x and 4x. `with_reductions`: the token-reduction peers on the trained hd
+    model at VISOR's smallest and FlexAttention's LLM prefill FLOPs."""
     if stage not in STAGES:
         raise LoupeError(f"--stage {stage!r} does not exist; choose one of {list(STAGES)}")
     if base is not None and (from_scratch or stage == "base"):
@@ -423,13 +479,18 @@ def reproduce(out: str | Path, quick: bool = False, seed: int = 0, overwrite: bo
     store: FeatureStore = {}
     results: list[RunResult] = []
     looks: dict[str, list[viz.Look]] = {}
+    trained: dict[str, VLM] = {}
     for run in (r for r in runs if resolutions or not r.resolution):
         ratio = _attnmap_fraction(results) if run.ablation else None
         results += finetune(run, base_dir, scenes, test_ex, tok, plan, store, out / "runs" / run.label, seed,
-                            progress, ratio, looks)
+                            progress, ratio, looks, trained)
     write_overlays(looks, out / "overlays")
     if with_visor:
         results += visor_runs(base_dir, scenes, val_ex, test_ex, tok, plan, store, out / "runs", seed, progress)
+    targets = reduction_targets(results)
+    if "hd" in trained and targets and with_reductions:
+        hd_loss = next(r.final_loss for r in results if r.label == "hd")
+        results += reduction_runs(trained["hd"], hd_loss, targets, test_ex, tok, plan, store, out / "runs", progress)
     report = {"quick": quick, "seed": seed, "seconds": time.perf_counter() - start, "machine": _machine(),
               "base": _base_record(base_dir),
               "plan": {"scenes": plan.scenes, "base": asdict(plan.base), "finetune": asdict(plan.finetune)},
@@ -463,7 +524,40 @@ def _machine() -> dict[str, Any]:
 # ---- claims, table, plot ------------------------------------------------------------------------
 def claims(results: Sequence[RunResult]) -> list[dict[str, Any]]:
     """The issues' targets, each with the measured values and whether it holds."""
-    return flexattn_claims(results) + visor_claims(results)
+    return flexattn_claims(results) + visor_claims(results) + reduction_claims(results)
+
+
+def reduction_targets(results: Sequence[RunResult]) -> dict[str, float]:
+    """LLM prefill GFLOPs per sample the token-reduction rows are matched to."""
+    by = {r.label: r for r in results}
+    budgets = [r for r in results if r.label.startswith("visor [")]
+    targets = {"visor-min": budgets[0].llm_prefill_gflops} if budgets else {}
+    if "flexattn" in by:
+        targets["flexattn"] = by["flexattn"].llm_prefill_gflops
+    return targets
+
+
+def reduction_claims(results: Sequence[RunResult]) -> list[dict[str, Any]]:
+    """VISOR's claim against token reduction, and FlexAttention's the same way: at no more LLM
+    prefill FLOPs (rows over budget are given more, which only favours them), the method beats
+    every token-reduction row by >= 10 points on hard questions, while on easy questions the best
+    of them is within 3 points of it."""
+    by = {r.label: r for r in results}
+    rows = []
+    for method, target in (("visor-router", "visor-min"), ("flexattn", "flexattn")):
+        peers = [r for r in results if " @ " in r.label and r.label.split(" @ ")[1].split(" ")[0] == target]
+        if method not in by or not peers:
+            continue
+        ours = by[method].accuracy
+        best_hard = max(peers, key=lambda r: r.accuracy["hard"])
+        best_easy = max(peers, key=lambda r: r.accuracy["easy"])
+        margin = ours["hard"] - best_hard.accuracy["hard"]
+        gap = best_easy.accuracy["easy"] - ours["easy"]
+        rows += [{"claim": f"{method} beats every token reduction at its LLM prefill by >= 10 on hard (vs "
+                           f"{best_hard.label.split(' @ ')[0]})", "value": margin, "holds": margin >= 10},
+                 {"claim": f"best token reduction ({best_easy.label.split(' @ ')[0]}) >= {method} - 3 on easy",
+                  "value": gap, "holds": gap >= -3}]
+    return rows
 
 
 def visor_claims(results: Sequence[RunResult]) -> list[dict[str, Any]]:

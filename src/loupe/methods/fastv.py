@@ -29,7 +29,8 @@ import torch
 from loupe.config import VLMConfig
 from loupe.errors import ConfigError
 from loupe.flops import CostPlan, Workload, attention, decoder_layer
-from loupe.methods.base import Method, MethodConfig, MethodReport, Step, register
+from loupe.methods.base import MethodConfig, MethodReport, Step, register
+from loupe.methods.sequence import OverSequence, check_source, sequence_plan
 from loupe.nn.decoder import DecoderLayer, Rows
 from loupe.nn.kv_cache import LayerCache
 from loupe.nn.tokens import TokenSet
@@ -47,6 +48,7 @@ class FastVConfig(MethodConfig):
     ratio: float = 0.5  # R: the fraction of each image's tokens dropped
     keep: int | None = None  # or: image tokens kept per image (overrides ratio)
     rank_by: str = "last"  # last (the official code) | mean (the paper's text: all rows)
+    hr_size: int = 0  # 0: LLaVA-1.5's native image tokens (the paper's); >0: LLaVA-HD's tiled sequence at that size
 
     def validate(self, cfg: VLMConfig) -> None:
         layers = cfg.text.num_layers
@@ -59,6 +61,10 @@ class FastVConfig(MethodConfig):
             raise ConfigError(f"keep={self.keep} must be at least 1 image token")
         if self.rank_by not in RANK_BY:
             raise ConfigError(f"rank_by={self.rank_by!r}; choose one of {list(RANK_BY)}")
+        check_source(cfg, self)
+
+    def resolved_hr_size(self, cfg: VLMConfig) -> int:
+        return self.hr_size
 
     def kept(self, n: int) -> int:
         """Image tokens an image of n keeps."""
@@ -83,7 +89,7 @@ class FastVReport(MethodReport):
 
 
 @register
-class FastV(Method):
+class FastV(OverSequence):
     name = "fastv"
     config_class = FastVConfig
     options: FastVConfig
@@ -129,7 +135,7 @@ class FastV(Method):
         """Layers before k over the whole prompt, layers k.. over the kept rows; the ranking
         rows recomputed explicitly at layer k - 1; decode steps attend to the pruned keys from k on."""
         assert isinstance(options, FastVConfig)
-        plan = Method.cost_plan(cfg, options, workload)
+        plan = sequence_plan(cfg, options, workload)
         return with_pruned_layers(plan, cfg, options, workload)
 
 

@@ -54,6 +54,14 @@ def tiles(pixels: torch.Tensor, native: int) -> torch.Tensor:
     return t.reshape(i * k * k, c, native, native)
 
 
+def crops(pixels: torch.Tensor, native: int) -> torch.Tensor:
+    """(I, 3, S, S) -> (I * (1 + k*k), 3, s, s): per image the LR image, then its tiles (row-major)."""
+    i = pixels.shape[0]
+    lr = low_res(pixels, native)[:, None]  # (I, 1, 3, s, s)
+    hr = tiles(pixels, native).view(i, -1, *lr.shape[2:])  # (I, k*k, 3, s, s)
+    return torch.cat([lr, hr], dim=1).flatten(0, 1)
+
+
 def stitch(features: torch.Tensor, images: int, k: int, g: int) -> torch.Tensor:
     """(I*k*k, g*g, W) tile features -> (I, (k*g)^2, W) one row-major HR grid."""
     w = features.shape[-1]

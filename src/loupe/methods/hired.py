@@ -45,6 +45,7 @@ from loupe.config import VLMConfig
 from loupe.errors import ConfigError, LoupeError
 from loupe.flops import CostPlan, Workload
 from loupe.methods.base import ImageFeatures, ImageInputs, Method, MethodConfig, register
+from loupe.methods.highres import check_hr_size, crops
 from loupe.methods.reduction import SIGNAL_LABELS, Crops, check_signal, probe_crops, probe_flops, top_mask
 from loupe.nn.vit import feature_layer_index
 
@@ -62,6 +63,10 @@ class HiREDConfig(MethodConfig):
     keep: int | None = None  # or: the budget in tokens per image (overrides rate)
     signal: str = "class"  # class (official) | mean (Loupe's substitute where the tower has no class token)
     partition: str = "spatial"  # how the overview's attention is split over the tiles: spatial | raster (official)
+    hr_size: int = 0  # LLaVA-1.5: 0 the native image; >0 the LR image as the overview and k x k native tiles
+
+    def resolved_hr_size(self, cfg: VLMConfig) -> int:
+        return self.hr_size
 
     def validate(self, cfg: VLMConfig) -> None:
         if not 0 < self.rate <= 1:
@@ -74,6 +79,8 @@ class HiREDConfig(MethodConfig):
             raise ConfigError(f"partition={self.partition!r}; choose one of {list(PARTITIONS)}")
         check_signal("hired", self.signal, cfg)
         feature_layer_index(cfg)
+        if self.hr_size:
+            check_hr_size(cfg, self.hr_size, tiled=True)
 
     def budget(self, crops: int, n: int) -> int:
         """Tokens an image of `crops` crops of n tokens keeps in all (the official arithmetic)."""
@@ -85,7 +92,7 @@ class HiREDConfig(MethodConfig):
 
     def variant(self, cfg: VLMConfig) -> str:
         parts = [f"keep {self.keep}" if self.keep is not None else f"rate {self.rate:g}"]
-        if cfg.image_packing == "anyres":
+        if cfg.image_packing == "anyres" or self.hr_size:
             parts.append(f"alpha {self.alpha:g}" + (", raster partition" if self.partition == "raster" else ""))
         if SIGNAL_LABELS[self.signal]:
             parts.append(SIGNAL_LABELS[self.signal])
@@ -108,27 +115,49 @@ class HiRED(Method):
     options: HiREDConfig
 
     def tokens_per_image(self) -> int:
-        return self.options.budget(1, self.cfg.vision.grid**2)
+        lay = self.tiled_layout()
+        return self.options.budget(1, self.cfg.vision.grid**2) if lay is None else sum(
+            anyres_budget(self.options, self.cfg, lay))
+
+    def image_size(self) -> int:
+        return self.options.hr_size or self.cfg.vision.image_size
+
+    def tiled_layout(self) -> Layout | None:
+        """With hr_size, the k x k tile grid as an AnyRes layout without padding (the LR image
+        is the overview: HiRED's own LLaVA-NeXT setting); else None."""
+        return square_layout(self.cfg, self.options.hr_size) if self.options.hr_size else None
 
     def feature_key(self) -> tuple[object, ...]:
         return tuple(sorted(self.options.to_dict().items()))
 
     def features(self, vlm: VLM, pixel_values: torch.Tensor) -> ImageFeatures:
+        lay = self.tiled_layout()
+        if lay is not None:  # the AnyRes form over the LR image and the tiles
+            tokens = hired_tokens(vlm, crops(pixel_values, self.cfg.vision.image_size),
+                                  [lay] * pixel_values.shape[0], self.options)
+            return ImageFeatures(torch.stack(tokens))  # (I, K, W)
         layer = feature_layer_index(self.cfg)
-        crops = probe_crops(vlm, pixel_values, (layer,), self.options.signal)
+        probed = probe_crops(vlm, pixel_values, (layer,), self.options.signal)
         k = self.tokens_per_image()
-        keep = select_tokens(crops, layer, torch.full((crops.feats.shape[0],), k, device=pixel_values.device))
-        kept = crops.patches[keep].view(keep.shape[0], k, -1)  # (I, K, E) in token order
+        keep = select_tokens(probed, layer, torch.full((probed.feats.shape[0],), k, device=pixel_values.device))
+        kept = probed.patches[keep].view(keep.shape[0], k, -1)  # (I, K, E) in token order
         return ImageFeatures(vlm.projector(kept))  # (I, K, W)
 
     @classmethod
     def cost_plan(cls, cfg: VLMConfig, options: MethodConfig, workload: Workload) -> CostPlan:
         assert isinstance(options, HiREDConfig)
+        if options.hr_size:
+            return tiles_plan(cfg, options, square_layout(cfg, options.hr_size))
         n = cfg.vision.grid**2
         k = options.budget(1, n)
         work = probe_flops(cfg, options.signal, n + int(cfg.vision.class_token))
         return CostPlan(image_tokens=k, vision={"vision.lr": (cfg.vision.image_size, 1)}, projector_rows=k,
                         prefill_extra=lambda seq: {"token_selection": work})
+
+
+def square_layout(cfg: VLMConfig, hr_size: int) -> Layout:
+    k, g = hr_size // cfg.vision.image_size, cfg.vision.grid
+    return Layout(k, k, (k * g, k * g), (k * g, k * g), g * g)
 
 
 # ---- OneVision -----------------------------------------------------------------------------
@@ -189,17 +218,22 @@ def split_budget(weights: torch.Tensor, budget: int, capacity: torch.Tensor) -> 
 def hired_anyres(vlm: VLM, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None,
                  options: HiREDConfig) -> ImageInputs:
     """Per image (K_i, W): the overview's kept tokens, then the tiles' in grid order."""
+    layouts = check_tiles(vlm.cfg, pixel_values, image_sizes)
+    flat, _ = used_tiles(pixel_values, layouts)
+    return ImageInputs(hired_tokens(vlm, flat, layouts, options), image_sizes=image_sizes)
+
+
+def hired_tokens(vlm: VLM, flat: torch.Tensor, layouts: list[Layout], options: HiREDConfig) -> list[torch.Tensor]:
+    """Crops (sum P_i, 3, s, s), each image's overview then its tiles -> per image (K_i, W)."""
     cfg = vlm.cfg
-    layouts = check_tiles(cfg, pixel_values, image_sizes)
-    flat, needed = used_tiles(pixel_values, layouts)
+    needed = [lay.patches for lay in layouts]
     layer = feature_layer_index(cfg)
-    crops = probe_crops(vlm, flat, (0, layer), options.signal)
-    keep = keep_masks(cfg, options, crops, layer, layouts, needed)  # (sum P_i, n)
-    tokens = vlm.projector(crops.patches[keep])  # (sum K_i, W), crop by crop, each in token order
+    probed = probe_crops(vlm, flat, (0, layer), options.signal)
+    keep = keep_masks(cfg, options, probed, layer, layouts, needed)  # (sum P_i, n)
+    tokens = vlm.projector(probed.patches[keep])  # (sum K_i, W), crop by crop, each in token order
     per_image = [int(c.sum()) for c in keep.sum(1).split(needed)]
-    sequence = [in_grid_order(cfg, t, m, lay) for t, m, lay in
-                zip(tokens.split(per_image), keep.split(needed), layouts, strict=True)]
-    return ImageInputs(sequence, image_sizes=image_sizes)
+    return [in_grid_order(cfg, t, m, lay) for t, m, lay in
+            zip(tokens.split(per_image), keep.split(needed), layouts, strict=True)]
 
 
 def keep_masks(cfg: VLMConfig, options: HiREDConfig, crops: Crops, layer: int, layouts: list[Layout],
@@ -236,9 +270,12 @@ def anyres_hired_tokens(cfg: VLMConfig, options: HiREDConfig, height: int, width
 
 
 def anyres_hired_plan(cfg: VLMConfig, options: HiREDConfig, workload: Workload) -> CostPlan:
+    return tiles_plan(cfg, options, layout(cfg, *(workload.image_size or reference_size(cfg))))
+
+
+def tiles_plan(cfg: VLMConfig, options: HiREDConfig, lay: Layout) -> CostPlan:
     """Every crop through the encoder with two probed layers, the kept tokens projected."""
-    lay = layout(cfg, *(workload.image_size or reference_size(cfg)))
     k, s, n = sum(anyres_budget(options, cfg, lay)), cfg.vision.image_size, cfg.vision.grid**2
-    work = 2 * lay.patches * probe_flops(cfg, options.signal, n)  # the layer-0 and feature-layer signals
+    work = 2 * lay.patches * probe_flops(cfg, options.signal, n + int(cfg.vision.class_token))  # layer 0, feature layer
     return CostPlan(image_tokens=k, vision={"vision.lr": (s, 1), "vision.hr": (s, lay.patches - 1)},
                     projector_rows=k, prefill_extra=lambda seq: {"token_selection": work})

@@ -75,6 +75,11 @@ class OneVisionMethod(Method):
 
     families = ("anyres",)
 
+    @classmethod
+    def validate_options(cls, cfg: VLMConfig, options: MethodConfig) -> None:
+        check_no_hr_size(cls.name, options)  # the AnyRes tiles are the image, not an HR size
+        options.validate(cfg)
+
     def image_size(self) -> int:
         return self.cfg.vision.image_size  # the tile side; the processor picks the grid
 

@@ -30,8 +30,9 @@ import torch
 from loupe.config import VLMConfig
 from loupe.errors import ConfigError
 from loupe.flops import CostPlan, Workload, decoder_layer, linear
-from loupe.methods.base import Method, MethodConfig, MethodReport, Step, register
+from loupe.methods.base import MethodConfig, MethodReport, Step, register
 from loupe.methods.fastv import keep_top_images
+from loupe.methods.sequence import OverSequence, check_source, sequence_plan
 from loupe.nn.decoder import DecoderLayer
 from loupe.nn.rope import Rope
 from loupe.nn.tokens import TokenSet
@@ -47,6 +48,7 @@ class PDropConfig(MethodConfig):
     name: ClassVar[str] = "pdrop"
     layers: list[int] | None = None  # first layer of each new stage; None: 8/16/24 of 32, scaled to depth
     ratio: float = 0.5  # lambda: the fraction of its image tokens a sample keeps at each stage
+    hr_size: int = 0  # 0: LLaVA-1.5's native image tokens (the paper's); >0: LLaVA-HD's tiled sequence at that size
 
     def resolved_layers(self, cfg: VLMConfig) -> list[int]:
         if self.layers is not None:
@@ -70,6 +72,10 @@ class PDropConfig(MethodConfig):
             raise ConfigError(f"layers={stages} must be strictly increasing")
         if not 0 < self.ratio <= 1:
             raise ConfigError(f"ratio={self.ratio} must be in (0, 1]: the fraction of image tokens each stage keeps")
+        check_source(cfg, self)
+
+    def resolved_hr_size(self, cfg: VLMConfig) -> int:
+        return self.hr_size
 
     def kept(self, n: int) -> int:
         """Image tokens kept at a stage from n (at least one)."""
@@ -87,7 +93,7 @@ class PDropReport(MethodReport):
 
 
 @register
-class PyramidDrop(Method):
+class PyramidDrop(OverSequence):
     name = "pdrop"
     config_class = PDropConfig
     options: PDropConfig
@@ -110,7 +116,7 @@ class PyramidDrop(Method):
     @classmethod
     def cost_plan(cls, cfg: VLMConfig, options: MethodConfig, workload: Workload) -> CostPlan:
         assert isinstance(options, PDropConfig)
-        return with_stages(Method.cost_plan(cfg, options, workload), cfg, options)
+        return with_stages(sequence_plan(cfg, options, workload), cfg, options)
 
 
 def instruction_attention(layer: DecoderLayer, x: torch.Tensor, tokens: TokenSet) -> torch.Tensor:

@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from loupe.config import VLMConfig
 from loupe.errors import ConfigError
 from loupe.flops import CostPlan, Workload, attention, decoder_layer, linear
-from loupe.methods.base import Method, MethodConfig, MethodReport, Step, register
+from loupe.methods.base import MethodConfig, MethodReport, Step, register
+from loupe.methods.sequence import OverSequence, check_source, sequence_plan
 from loupe.nn.decoder import DecoderLayer, Rows
 from loupe.nn.kv_cache import LayerCache
 from loupe.nn.tokens import TokenSet
@@ -67,6 +68,7 @@ class SparseVLMConfig(MethodConfig):
     recycle: bool = True  # merge the best of the dropped tokens into new ones
     recycle_ratio: float = 0.3  # the share of the dropped tokens recycled (the most attended)
     cluster_ratio: float = 0.1  # clusters per recycled token (official: m // 10 + 1)
+    hr_size: int = 0  # 0: LLaVA-1.5's native image tokens (the paper's); >0: LLaVA-HD's tiled sequence at that size
 
     def resolved_layers(self, cfg: VLMConfig) -> list[int]:
         if self.layers is not None:
@@ -101,10 +103,17 @@ class SparseVLMConfig(MethodConfig):
         for name in ("recycle_ratio", "cluster_ratio"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be in (0, 1]")
+        check_source(cfg, self)
+
+    def resolved_hr_size(self, cfg: VLMConfig) -> int:
+        return self.hr_size
 
     def budgets(self, n: int) -> list[int]:
         """Image tokens kept after each pruning layer, for an image of n tokens."""
         if self.keep is not None:
+            over = [k for k in self.keep if k > n]
+            if over:
+                raise ConfigError(f"keep={self.keep} asks for {over[0]} tokens, more than the image's {n}")
             return list(self.keep)
         if self.ratios is not None:
             return [max(1, round(r * n)) for r in self.ratios]
@@ -141,7 +150,7 @@ class SparseVLMReport(MethodReport):
 
 
 @register
-class SparseVLM(Method):
+class SparseVLM(OverSequence):
     name = "sparsevlm"
     config_class = SparseVLMConfig
     options: SparseVLMConfig
@@ -213,7 +222,7 @@ class SparseVLM(Method):
     @classmethod
     def cost_plan(cls, cfg: VLMConfig, options: MethodConfig, workload: Workload) -> CostPlan:
         assert isinstance(options, SparseVLMConfig)
-        return with_sparse_layers(Method.cost_plan(cfg, options, workload), cfg, options, workload)
+        return with_sparse_layers(sequence_plan(cfg, options, workload), cfg, options, workload)
 
 
 def after_image(tokens: TokenSet) -> torch.Tensor:

@@ -44,6 +44,7 @@ from loupe.config import VLMConfig
 from loupe.errors import ConfigError
 from loupe.flops import CostPlan, Workload, linear
 from loupe.methods.base import ImageFeatures, ImageInputs, Method, MethodConfig, register
+from loupe.methods.highres import check_hr_size, crops
 from loupe.methods.reduction import SIGNAL_LABELS, Crops, check_signal, gather, probe_crops, probe_flops, top_mask
 from loupe.nn.vit import feature_layer_index
 
@@ -59,8 +60,14 @@ class VisionZipConfig(MethodConfig):
     ratio: float | None = None  # or: tokens kept per crop as a fraction of its N patches, split dominant:contextual
     keep_class: bool = True  # keep the class token (official; a tower without one has none to keep)
     signal: str = "class"  # class (official) | mean (Loupe's substitute where the tower has no class token)
+    hr_size: int = 0  # LLaVA-1.5: 0 the native image (the paper's); >0 its LR image and k x k native tiles, each a crop
+
+    def resolved_hr_size(self, cfg: VLMConfig) -> int:
+        return self.hr_size
 
     def validate(self, cfg: VLMConfig) -> None:
+        if self.hr_size:
+            check_hr_size(cfg, self.hr_size, tiled=True)
         for name in ("dominant", "contextual"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
@@ -154,22 +161,36 @@ class VisionZip(Method):
     options: VisionZipConfig
 
     def tokens_per_image(self) -> int:
-        return self.options.kept(self.cfg)
+        return tiled_crops(self.cfg, self.options.hr_size) * self.options.kept(self.cfg)
+
+    def image_size(self) -> int:
+        return self.options.hr_size or self.cfg.vision.image_size
 
     def feature_key(self) -> tuple[object, ...]:
         return tuple(sorted(self.options.to_dict().items()))
 
     def features(self, vlm: VLM, pixel_values: torch.Tensor) -> ImageFeatures:
-        return ImageFeatures(zipped_tokens(vlm, pixel_values, self.options))  # (I, K, W)
+        """(I, K, W); with hr_size each crop's (the LR image, then the tiles): (I, (1 + k*k) * K, W)."""
+        if not self.options.hr_size:
+            return ImageFeatures(zipped_tokens(vlm, pixel_values, self.options))
+        zipped = zipped_tokens(vlm, crops(pixel_values, self.cfg.vision.image_size), self.options)
+        return ImageFeatures(zipped.view(pixel_values.shape[0], -1, self.cfg.text.hidden_size))
 
     @classmethod
     def cost_plan(cls, cfg: VLMConfig, options: MethodConfig, workload: Workload) -> CostPlan:
-        """The full encoder pass, the selection, then K tokens through the projector and decoder."""
+        """Every crop's full encoder pass and selection, then its K tokens through the projector
+        and decoder."""
         assert isinstance(options, VisionZipConfig)
-        k = options.kept(cfg)
-        work = zip_flops(cfg, options)
-        return CostPlan(image_tokens=k, vision={"vision.lr": (cfg.vision.image_size, 1)}, projector_rows=k,
+        n = tiled_crops(cfg, options.hr_size)
+        k, work, native = n * options.kept(cfg), n * zip_flops(cfg, options), cfg.vision.image_size
+        vision = {"vision.lr": (native, 1), **({"vision.hr": (native, n - 1)} if n > 1 else {})}
+        return CostPlan(image_tokens=k, vision=vision, projector_rows=k,
                         prefill_extra=lambda seq: {"token_selection": work})
+
+
+def tiled_crops(cfg: VLMConfig, hr_size: int) -> int:
+    """Crops per image on LLaVA-1.5: 1, or with hr_size the LR image and the k x k tiles."""
+    return 1 + (hr_size // cfg.vision.image_size) ** 2 if hr_size else 1
 
 
 # ---- OneVision's AnyRes crops (the forms in `loupe.methods.onevision` use these) ---------------

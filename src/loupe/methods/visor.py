@@ -76,7 +76,7 @@ from loupe.methods.base import (
     register,
 )
 from loupe.methods.hd import HDConfig
-from loupe.methods.highres import HighResMethod, TiledConfig, low_res, tiled_plan, tiles
+from loupe.methods.highres import HighResMethod, TiledConfig, crops, tiled_plan
 from loupe.methods.visionzip import VisionZipConfig, zip_flops, zipped_tokens
 from loupe.nn.decoder import DecoderLayer, RMSNorm
 from loupe.nn.fusion import CrossAttention, FusedLayer
@@ -302,11 +302,8 @@ class Visor(HighResMethod):
         front = self.options.front_end()
         if front is None:
             return super().features(vlm, pixel_values)
-        native, images = self.cfg.vision.image_size, pixel_values.shape[0]
-        lr = low_res(pixel_values, native)[:, None]  # (I, 1, 3, s, s)
-        hr = tiles(pixel_values, native).view(images, -1, *lr.shape[2:])  # (I, k*k, 3, s, s)
-        crops = torch.cat([lr, hr], dim=1).flatten(0, 1)  # (I * (1 + k*k), 3, s, s)
-        return ImageFeatures(zipped_tokens(vlm, crops, front).view(images, -1, self.cfg.text.hidden_size))
+        zipped = zipped_tokens(vlm, crops(pixel_values, self.cfg.vision.image_size), front)  # (I * (1 + k*k), K, W)
+        return ImageFeatures(zipped.view(pixel_values.shape[0], -1, self.cfg.text.hidden_size))
 
     def assemble(self, features: ImageFeatures, image_sizes: torch.Tensor | None = None) -> ImageInputs:
         if self.options.front_end() is not None:
