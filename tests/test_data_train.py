@@ -242,7 +242,8 @@ def test_reproduce_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
         "visor-router", "visor-router-all"]
     peers = ["fastv", "pdrop", "sparsevlm", "visionzip", "hired"]
     assert [label.split(" @ ")[0] for label in labels[14:]] == peers * 2  # at VISOR's smallest, then FlexAttention's
-    targets = {"visor-min": report["runs"][9]["llm_prefill_gflops"], "flexattn": report["runs"][3]["llm_prefill_gflops"]}
+    runs = report["runs"]
+    targets = {"visor-min": runs[9]["llm_prefill_gflops"], "flexattn": runs[3]["llm_prefill_gflops"]}
     for row in report["runs"][14:]:  # each fits its target's LLM prefill, or says it cannot
         target = row["label"].split(" @ ")[1].split(" ")[0]
         assert row["llm_prefill_gflops"] <= targets[target] + 1e-9 or row["label"].endswith("(over budget)")
