@@ -88,6 +88,24 @@ def test_seeded_sampling_is_reproducible_and_stops(hf_tiny) -> None:
     assert stopped[0].tolist() == first[0, :first[0].tolist().index(stop) + 1].tolist()
 
 
+def test_generation_never_emits_the_image_placeholder(hf_tiny) -> None:
+    """A model that prefers the <image> id (inside the vocabulary, as in LLaVA-1.5-hf) still
+    generates text: the placeholder would make the next step an image without features."""
+    _, path = hf_tiny
+    model = loupe.from_pretrained(path)
+    image_id = model.cfg.image_token_id
+    plain = model.decoder.logits
+
+    def prefers_image(h: torch.Tensor) -> torch.Tensor:
+        return plain(h).index_add(-1, torch.tensor([image_id]), torch.full((*h.shape[:-1], 1), 1e4))
+
+    model.decoder.logits = prefers_image  # the test model only: every step's argmax is the placeholder
+    ids, px = prompt_ids(5, 16, seed=2), pixels(1, seed=2)
+    assert int(model(ids, px).logits[0, -1].argmax()) == image_id
+    out = generate(model, ids, px, sampling=SamplingConfig(max_new_tokens=4))
+    assert out.shape == (1, 4) and image_id not in out[0].tolist()
+
+
 def test_cli_help_lists_commands() -> None:
     out = subprocess.run([sys.executable, "-m", "loupe.cli", "--help"], capture_output=True, text=True, check=True)
     for command in ("generate", "info", "demo"):

@@ -91,7 +91,7 @@ def generate(
                     images=images, run=run)
     if on_report is not None:
         on_report(prefill.report)
-    logits = prefill.logits[:, -1]  # (B, V)
+    logits = never_image(prefill.logits[:, -1], model.cfg.image_token_id)  # (B, V)
     done = torch.zeros(b, dtype=torch.bool, device=model.device)
     out: list[torch.Tensor] = []
     for _ in range(cfg.max_new_tokens):
@@ -104,7 +104,17 @@ def generate(
         if bool(done.all()) or len(out) == cfg.max_new_tokens:
             break
         logits = model(tok[:, None], cache=cache, last_only=True, run=run).logits[:, -1]  # (B, V)
+        logits = never_image(logits, model.cfg.image_token_id)
     return torch.stack(out, dim=1)
+
+
+def never_image(logits: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """logits (B, V) with the <image> placeholder never chosen: it stands for image features
+    only a prompt carries, and the next step would read it as an image without any (LLaVA-1.5-hf
+    and OneVision keep it inside the vocabulary; transformers does not mask it)."""
+    if not 0 <= image_token_id < logits.shape[-1]:
+        return logits
+    return logits.index_fill(-1, torch.tensor([image_token_id], device=logits.device), float("-inf"))
 
 
 def answer(model: VLM, tok: Tokenizer, image: str | os.PathLike[str], question: str, sampling: SamplingConfig,
