@@ -112,9 +112,9 @@ def never_image(logits: torch.Tensor, image_token_id: int) -> torch.Tensor:
     """logits (B, V) with the <image> placeholder never chosen: it stands for image features
     only a prompt carries, and the next step would read it as an image without any (LLaVA-1.5-hf
     and OneVision keep it inside the vocabulary; transformers does not mask it)."""
-    if not 0 <= image_token_id < logits.shape[-1]:
-        return logits
-    return logits.index_fill(-1, torch.tensor([image_token_id], device=logits.device), float("-inf"))
+    if 0 <= image_token_id < logits.shape[-1]:
+        logits[:, image_token_id] = float("-inf")  # in place: these logits are read only here
+    return logits
 
 
 def answer(model: VLM, tok: Tokenizer, image: str | os.PathLike[str], question: str, sampling: SamplingConfig,

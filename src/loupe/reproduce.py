@@ -31,7 +31,7 @@ import math
 import shutil
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ import torch
 
 from loupe import viz
 from loupe.checkpoints import from_pretrained
+from loupe.config import VLMConfig
 from loupe.cost import estimate
 from loupe.data.llava import Example, read_llava
 from loupe.data.synthetic import SynthConfig, write_dataset
@@ -74,7 +75,8 @@ SCENES = SynthConfig(native=NATIVE)
 # knob shapes follow each method's defaults: SparseVLM's "retain 192" proportions over its
 # three pruning layers, FastV at K=2, PyramidDrop at its default stages.
 HD_TOKENS = (NATIVE // 8) ** 2 + (3 * NATIVE // 8) ** 2  # 64 LR + 576 HR visual tokens of the synth-tiny model
-REDUCTIONS: dict[str, Any] = {
+Knob = Callable[[float], dict[str, Any]]
+REDUCTIONS: dict[str, Knob] = {
     "fastv": lambda x: {"keep": max(1, round(x * HD_TOKENS))},
     "pdrop": lambda x: {"ratio": x},
     "sparsevlm": lambda x: {"ratios": [x, x * 200 / 300, x * 110 / 300]},
@@ -410,7 +412,7 @@ def reduction_runs(hd: VLM, hd_loss: float, targets: dict[str, float], test_ex: 
     return rows
 
 
-def fit_budget(cfg: Any, name: str, knob: Any, gflops: float, workload: Workload) -> tuple[dict[str, Any], bool]:
+def fit_budget(cfg: VLMConfig, name: str, knob: Knob, gflops: float, workload: Workload) -> tuple[dict[str, Any], bool]:
     """The options of the largest knob x in (0, 1] whose LLM prefill fits `gflops` (bisection
     on the cost model), and whether any does (else the cheapest, x = 1 / HD_TOKENS)."""
     def cost(x: float) -> float:

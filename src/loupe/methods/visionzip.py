@@ -143,6 +143,13 @@ def zipped_tokens(vlm: VLM, pixels: torch.Tensor, options: VisionZipConfig) -> t
     return vlm.projector(zip_crops(crops, layer, options.budget(vlm.cfg)))
 
 
+def zipped_tiles(vlm: VLM, pixels: torch.Tensor, options: VisionZipConfig) -> torch.Tensor:
+    """HR pixels (I, 3, S, S) -> every crop's tokens (the LR image, then the k x k tiles),
+    per image: (I, (1 + k*k) * K, W)."""
+    zipped = zipped_tokens(vlm, crops(pixels, vlm.cfg.vision.image_size), options)  # (I * (1 + k*k), K, W)
+    return zipped.view(pixels.shape[0], -1, vlm.cfg.text.hidden_size)
+
+
 def zip_flops(cfg: VLMConfig, options: VisionZipConfig) -> float:
     """One crop's selection work beyond the plain encoder pass: the explicit class row, the
     cosine similarities and the merge (matrix products only, as FlopCounterMode counts them)."""
@@ -173,8 +180,7 @@ class VisionZip(Method):
         """(I, K, W); with hr_size each crop's (the LR image, then the tiles): (I, (1 + k*k) * K, W)."""
         if not self.options.hr_size:
             return ImageFeatures(zipped_tokens(vlm, pixel_values, self.options))
-        zipped = zipped_tokens(vlm, crops(pixel_values, self.cfg.vision.image_size), self.options)
-        return ImageFeatures(zipped.view(pixel_values.shape[0], -1, self.cfg.text.hidden_size))
+        return ImageFeatures(zipped_tiles(vlm, pixel_values, self.options))
 
     @classmethod
     def cost_plan(cls, cfg: VLMConfig, options: MethodConfig, workload: Workload) -> CostPlan:

@@ -76,8 +76,8 @@ from loupe.methods.base import (
     register,
 )
 from loupe.methods.hd import HDConfig
-from loupe.methods.highres import HighResMethod, TiledConfig, crops, tiled_plan
-from loupe.methods.visionzip import VisionZipConfig, zip_flops, zipped_tokens
+from loupe.methods.highres import HighResMethod, TiledConfig, tiled_plan
+from loupe.methods.visionzip import VisionZipConfig, tiled_crops, zip_flops, zipped_tiles
 from loupe.nn.decoder import DecoderLayer, RMSNorm
 from loupe.nn.fusion import CrossAttention, FusedLayer
 from loupe.nn.kv_cache import LayerCache
@@ -289,7 +289,7 @@ class Visor(HighResMethod):
     def tokens_per_image(self) -> int:
         front = self.options.front_end()
         if front is not None:  # every crop (the LR image, each HR tile) keeps its VisionZip tokens
-            return (1 + (self.hr_size // self.cfg.vision.image_size) ** 2) * front.kept(self.cfg)
+            return tiled_crops(self.cfg, self.hr_size) * front.kept(self.cfg)
         return self.cfg.tokens_per_image + (self.hr_size // self.cfg.vision.patch_size) ** 2
 
     def feature_key(self) -> tuple[object, ...]:
@@ -302,8 +302,7 @@ class Visor(HighResMethod):
         front = self.options.front_end()
         if front is None:
             return super().features(vlm, pixel_values)
-        zipped = zipped_tokens(vlm, crops(pixel_values, self.cfg.vision.image_size), front)  # (I * (1 + k*k), K, W)
-        return ImageFeatures(zipped.view(pixel_values.shape[0], -1, self.cfg.text.hidden_size))
+        return ImageFeatures(zipped_tiles(vlm, pixel_values, front))
 
     def assemble(self, features: ImageFeatures, image_sizes: torch.Tensor | None = None) -> ImageInputs:
         if self.options.front_end() is not None:
@@ -587,7 +586,7 @@ class Visor(HighResMethod):
         front = options.front_end()
         if front is None:
             return plan, cfg.tokens_per_image + m
-        crops = 1 + (options.resolved_hr_size(cfg) // cfg.vision.image_size) ** 2
+        crops = tiled_crops(cfg, options.resolved_hr_size(cfg))
         nv, work = crops * front.kept(cfg), crops * zip_flops(cfg, front)
         plan.projector_rows, plan.prefill_extra = nv, lambda seq: {"token_selection": work}
         return plan, nv
