@@ -11,10 +11,12 @@ import torch
 from PIL import Image
 
 import loupe
+from loupe.chat import template_for
 from loupe.cli import main
+from loupe.data.batches import collate, tokenize
 from loupe.data.llava import read_llava
 from loupe.data.synthetic import PATTERNS, SynthConfig, pattern_mask, write_dataset
-from loupe.train import TrainConfig, collate, conversation, tokenize, train
+from loupe.train import InMemory, TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -175,10 +177,11 @@ def tiny_base(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_only_answer_tokens_are_scored(synth: Path, tiny_base: Path) -> None:
     tok = loupe.Tokenizer.from_folder(tiny_base, 4)
     ex = read_llava(synth / "train.json")[0]
-    ids, scored = conversation(ex, tok, 64)
+    model = loupe.from_pretrained(tiny_base)
+    ids, scored = template_for(model.cfg).conversation(ex.turns, tok, 64)
     answers = [tok.decode([i for i, s in zip(ids, scored, strict=True) if s and i != tok.eos_id])]
     assert answers[0].split() == [a for _, a in ex.turns]
-    batch = collate(tokenize([ex], tok, 64)[0], tok.pad_id)
+    batch = collate(tokenize([ex], tok, model)[0], tok.pad_id)
     rows = batch.loss_rows[0].nonzero()[:, 0]
     assert torch.equal(batch.input_ids[0, rows + 1], torch.tensor([i for i, s in zip(ids, scored, strict=True) if s]))
 
@@ -193,11 +196,11 @@ def test_cli_train_fine_tunes_with_cached_features(synth: Path, tiny_base: Path,
     out = tmp_path / "run"
     argv = ["train", "--model", str(tiny_base), "--method", "flexattn", "-o", "hr_size=192", "-o", "first_layer=2",
             "-o", "pool=3", "--data", str(synth / "train.json"), "--out", str(out), "--steps", "6",
-            "--batch-size", "4", "--lr", "3e-3", "--warmup", "1", "--checkpoint-every", "3"]
+            "--batch-size", "4", "--lr", "3e-3", "--warmup", "1", "--checkpoint-every", "3", "--cache-features"]
     assert main(argv) == 0
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [6] and np.isfinite(log[-1]["loss"])
-    assert (out / "checkpoint-3" / "model.safetensors").is_file()
+    assert (out / "checkpoint-3" / "trainer.json").is_file()
     tuned = loupe.from_pretrained(out / "final")
     base = loupe.from_pretrained(tiny_base, "flexattn", hr_size=192, first_layer=2, pool=3)
     assert torch.equal(tuned.vision_tower.embeddings.patch_embedding.weight,
@@ -210,10 +213,10 @@ def test_training_lowers_the_loss(synth: Path, tiny_base: Path) -> None:
     from loupe.train import PixelImages
     model = loupe.from_pretrained(tiny_base, dtype=torch.float32)
     tok = loupe.Tokenizer.from_folder(tiny_base, 4)
-    samples, paths = tokenize(read_llava(synth / "train.json")[:4], tok, 64)
+    samples, paths = tokenize(read_llava(synth / "train.json")[:4], tok, model)
     cfg = TrainConfig(steps=30, batch_size=4, lr=3e-3, warmup=3, train=("vision_tower", "projector", "decoder"),
                       log_every=5)
-    log = train(model, samples, PixelImages(paths, 64, progress=False), cfg, tok.pad_id, progress=False)
+    log = train(model, InMemory(samples, PixelImages(paths, 64, progress=False), tok.pad_id), cfg, progress=False)
     assert log[-1]["loss"] < 0.5 * log[0]["loss"]  # memorises 4 conversations
 
 
@@ -223,10 +226,10 @@ def test_nan_loss_stops_without_saving(synth: Path, tiny_base: Path, tmp_path: P
     with torch.no_grad():
         model.decoder.lm_head.weight.fill_(float("nan"))
     tok = loupe.Tokenizer.from_folder(tiny_base, 4)
-    samples, paths = tokenize(read_llava(synth / "train.json")[:2], tok, 64)
+    samples, paths = tokenize(read_llava(synth / "train.json")[:2], tok, model)
     with pytest.raises(loupe.LoupeError, match="loss became nan at step 0"):
-        train(model, samples, PixelImages(paths, 64, progress=False), TrainConfig(steps=2, batch_size=2),
-              tok.pad_id, tmp_path / "run", progress=False)
+        train(model, InMemory(samples, PixelImages(paths, 64, progress=False), tok.pad_id),
+              TrainConfig(steps=2, batch_size=2), tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "final").exists()
 
 
@@ -397,7 +400,7 @@ def test_oracle_selection_hits_every_tag_and_evaluation_reports_it(synth: Path, 
     for strategy in ("attnmap", "random"):
         model = loupe.from_pretrained(tiny_base, "flexattn", dtype=torch.float32, hr_size=192, first_layer=2, pool=4,
                                       strategy=strategy, ablation_ratio=0.2)
-        samples, paths = tokenize(examples, tok, model.method.tokens_per_image())
+        samples, paths = tokenize(examples, tok, model)
         images = FeatureImages(model, paths, progress=False)
         run = (lambda batch: FlexRun(boxes=tag_boxes(batch), ratio=0.2)) if strategy == "attnmap" else None
         results[strategy] = evaluate(model, samples, images, tok, progress=False, run=run).summary()

@@ -47,7 +47,7 @@ def test_visionzip_reduces_every_crop(hf_path: Path) -> None:
     px = pixels(2, seed=3, size=HR)
     each = [zipped_tokens(model, c[None], VisionZipConfig(dominant=6, contextual=3)) for c in crops(px, 56)]
     torch.testing.assert_close(model.method.encode(model, px).sequence, torch.cat(each).view(2, 45, -1), rtol=1e-5,
-                               atol=1e-6)
+                               atol=1e-5)  # batch of 2 against one crop at a time: fp32 summation order
 
 
 @pytest.mark.parametrize("method", list(REDUCED))

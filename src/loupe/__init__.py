@@ -1,5 +1,6 @@
 """Loupe: high-resolution vision-language models that look closely only where it matters."""
 
+from loupe.chat import ChatTemplate, template_for
 from loupe.checkpoints import from_pretrained, save_pretrained
 from loupe.config import TextConfig, VisionConfig, VLMConfig
 from loupe.errors import CheckpointError, ConfigError, LoupeError
@@ -12,7 +13,9 @@ from loupe.vlm import VLM, VLMOutput
 __version__ = "0.1.0"
 
 __all__ = [
-    "METHODS", "VLM", "CheckpointError", "ConfigError", "ImageProcessor", "LoupeError", "SamplingConfig",
+    "METHODS", "VLM", "ChatTemplate", "CheckpointError", "ConfigError", "ImageProcessor", "LoupeError",
+    "SamplingConfig",
     "TextConfig", "Tokenizer", "VLMConfig", "VLMOutput", "VisionConfig", "from_pretrained", "generate",
     "chatml_prompt", "llava_prompt", "load_image", "method_options", "prompt", "save_pretrained",
+    "template_for",
 ]

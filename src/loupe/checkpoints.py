@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -260,18 +261,24 @@ def _materialise_new(model: VLM, device: torch.device, dtype: torch.dtype) -> No
 
 # ---- writing ----------------------------------------------------------------------------
 def save_pretrained(model: VLM, path: str | os.PathLike[str], *, overwrite: bool = False,
-                    shard_bytes: int = 5 * 2**30) -> None:
+                    shard_bytes: int = 5 * 2**30, state: dict[str, torch.Tensor] | None = None,
+                    files: Iterable[Path] = ()) -> None:
     """Write `model` as a HF-layout folder (+ loupe.json recording the method), atomically:
-    everything goes to a temporary folder that replaces `path` only when complete."""
+    everything goes to a temporary folder that replaces `path` only when complete. `state`
+    replaces `model.state_dict()` (e.g. the full weights an FSDP2-sharded model gathered);
+    `files` (a tokenizer.json, a preprocessor_config.json) are copied in."""
     with folder_atomic(path, overwrite, CheckpointError) as tmp:
-        _write_weights(model, tmp, shard_bytes)
+        _write_weights(model, tmp, shard_bytes, state)
+        for f in files:
+            shutil.copyfile(f, tmp / Path(f).name)
         (tmp / "config.json").write_text(json.dumps(model.cfg.to_hf(), indent=2))
         meta = {"model": model.cfg.to_dict(), "method": model.method.options.to_dict()}
         (tmp / LOUPE_CONFIG).write_text(json.dumps(meta, indent=2))
 
 
-def _write_weights(model: VLM, folder: Path, shard_bytes: int) -> None:
-    state = {loupe_to_hf(k): v.detach().contiguous() for k, v in model.state_dict().items()
+def _write_weights(model: VLM, folder: Path, shard_bytes: int, full: dict[str, torch.Tensor] | None = None) -> None:
+    full = model.state_dict() if full is None else full
+    state = {loupe_to_hf(k): v.detach().contiguous() for k, v in full.items()
              if not (model.cfg.text.tie_word_embeddings and k == "decoder.lm_head.weight")}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0

@@ -4,6 +4,7 @@ prints one clear line and exits with status 2, never a traceback."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -14,7 +15,7 @@ import torch
 
 from loupe.checkpoints import convert, from_pretrained, model_info
 from loupe.cost import CONVENTIONS, PRESETS, preset
-from loupe.errors import LoupeError
+from loupe.errors import Interrupted, LoupeError
 from loupe.files import write_json
 from loupe.flops import Workload
 from loupe.generation import SamplingConfig, answer, stream_printer
@@ -33,6 +34,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.run(args) or 0
+    except Interrupted as e:
+        print(f"loupe: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("loupe: interrupted", file=sys.stderr)
+        return 130
     except LoupeError as e:
         print(f"loupe: error: {e}", file=sys.stderr)
         return 2
@@ -43,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "where it matters (FlexAttention, VISOR and baselines).")
     sub = parser.add_subparsers(title="commands")
     for add in (_add_generate, _add_info, _add_convert, _add_demo, _add_flops, _add_bench, _add_data, _add_train,
-                _add_router, _add_reproduce):
+                _add_export, _add_router, _add_reproduce):
         add(sub)
     return parser
 
@@ -323,41 +330,133 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from loupe.train import TrainConfig
-
-    d = TrainConfig()
-    p = sub.add_parser("train", help="train or fine-tune a checkpoint on a LLaVA-format dataset")
-    _model_args(p)
-    p.add_argument("--data", required=True, help="LLaVA-format JSON (image paths relative to it)")
-    p.add_argument("--out", required=True, help="run folder: train_log.jsonl, checkpoint-*/, final/")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--warmup", type=int, default=d.warmup)
-    p.add_argument("--train", default=",".join(d.train),
+    p = sub.add_parser("train", help="train or fine-tune a checkpoint on a LLaVA-format dataset (also under "
+                       "torchrun)", description="Settings come from --recipe (a shipped name or a YAML file), then "
+                       "the flags given, then KEY=VALUE overrides (any recipe key; options.NAME=VALUE for a method "
+                       "option). Under `torchrun --nproc_per_node=N -m loupe train ... --parallel ddp|fsdp` every "
+                       "process runs this command.")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. lr=2e-5 steps=100")
+    p.add_argument("--recipe", default=None, help="a shipped recipe name or a YAML file (see --list-recipes)")
+    p.add_argument("--list-recipes", action="store_true", help="print the shipped recipes and exit")
+    p.add_argument("--model", default=None, help="checkpoint folder (Hugging Face LLaVA layout)")
+    p.add_argument("--method", choices=sorted(METHODS), default=None, help="method (default: the checkpoint's)")
+    p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE", help="method option")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights' dtype (default fp32: master "
+                   "weights; --precision bf16 computes in bf16)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:LOCAL_RANK under torchrun)")
+    p.add_argument("--data", default=None, help="LLaVA-format JSON (image paths relative to it or --image-root)")
+    p.add_argument("--image-root", default=None)
+    p.add_argument("--out", default=None, help="run folder: run.json, train_log.jsonl, checkpoint-N/, final/")
+    p.add_argument("--resume", default=None, metavar="RUN", help="continue RUN from its latest checkpoint")
+    for flag, kind, what in (("--steps", int, None), ("--batch-size", int, "the global batch"),
+                             ("--micro-batch-size", int, "per process per forward (accumulation makes up the rest)"),
+                             ("--lr", float, None), ("--warmup", int, None), ("--checkpoint-every", int, None),
+                             ("--keep-last", int, "resumable checkpoints kept (0: all)"), ("--seed", int, None),
+                             ("--num-workers", int, "DataLoader processes reading images")):
+        p.add_argument(flag, type=kind, default=None, help=what)
+    p.add_argument("--train", default=None,
                    help="comma-separated parameter prefixes to train (vision_tower, projector, decoder, method)")
-    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None)
+    p.add_argument("--parallel", choices=["none", "ddp", "fsdp"], default=None)
+    p.add_argument("--activation-checkpointing", action="store_true", default=None)
     p.add_argument("--viable-from", default=None, metavar="VAL_JSON",
                    help="visor universal training: find the viable configurations on this split first, then "
                         "train drawing one per step")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-features", action="store_true",
+                   help="with a frozen encoder: encode every image once and keep the features in memory")
+    p.add_argument("--dry-run", action="store_true", help="print the per-process memory estimate and exit")
+    p.add_argument("--nproc", type=int, default=None, help="with --dry-run: processes to estimate for "
+                   "(default: the launched world)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=cmd_train)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from loupe.train import TrainConfig, train_run
+# `loupe train` flags -> recipe keys (a flag left unset keeps the recipe's value).
+TRAIN_FLAGS = {"model": "model", "method": "method", "data": "data", "image_root": "image_root",
+               "viable_from": "viable_from", "steps": "steps", "batch_size": "batch_size",
+               "micro_batch_size": "micro_batch_size", "lr": "lr", "warmup": "warmup",
+               "checkpoint_every": "checkpoint_every", "keep_last": "keep_last", "seed": "seed",
+               "num_workers": "num_workers", "precision": "precision", "parallel": "parallel",
+               "activation_checkpointing": "activation_checkpointing"}
 
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                      train=tuple(p.strip() for p in args.train.split(",") if p.strip()),
-                      checkpoint_every=args.checkpoint_every, seed=args.seed)
-    done = train_run(args.model, args.data, args.out, cfg, method=args.method, options=parse_options(args.option),
-                     dtype=DTYPES[args.dtype] if args.dtype else None, device=args.device,
-                     viable_from=args.viable_from, overwrite=args.overwrite)
+
+def train_recipe(args: argparse.Namespace) -> dict[str, object]:
+    """The run's recipe: --resume's saved one, or --recipe's; then the flags; then the overrides."""
+    from loupe.recipe import load_recipe, with_overrides
+    from loupe.runs import read_spec
+
+    if args.resume:
+        spec = read_spec(Path(args.resume))
+        recipe: dict[str, object] = {"model": spec.model, "method": spec.method, "options": spec.options,
+                                     "data": spec.data, "image_root": spec.image_root, **spec.train}
+    else:
+        recipe = load_recipe(args.recipe) if args.recipe else {}
+    given = {key: getattr(args, flag) for flag, key in TRAIN_FLAGS.items() if getattr(args, flag) is not None}
+    if args.train is not None:
+        given["train"] = [p.strip() for p in args.train.split(",") if p.strip()]
+    options = {**dict(recipe.get("options") or {}), **parse_options(args.option)}  # type: ignore[call-overload]
+    return with_overrides({**recipe, **given, "options": options}, args.overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from loupe.recipe import required, shipped, train_config
+    from loupe.runs import RunSpec
+    from loupe.train import train_run
+
+    if args.list_recipes:
+        print("\n".join(shipped()))
+        return 0
+    recipe = train_recipe(args)
+    name = f"recipe {args.recipe}" if args.recipe else "this command"
+    cfg = train_config(recipe)
+    model, data = required(recipe, "model", name), required(recipe, "data", name)
+    root = recipe.get("image_root")
+    spec = RunSpec(model=str(Path(model).resolve()), method=recipe.get("method"),  # type: ignore[arg-type]
+                   options=dict(recipe.get("options") or {}), data=str(Path(data).resolve()),  # type: ignore[call-overload]
+                   image_root=str(Path(str(root)).resolve()) if root else None, train=dataclasses.asdict(cfg),
+                   recipe=args.recipe)
+    if args.dry_run:
+        return _dry_run(spec, cfg, args)
+    out = args.resume or args.out
+    if out is None:
+        raise LoupeError("give --out RUN for a new run (or --resume RUN to continue one)")
+    viable = recipe.get("viable_from")
+    try:
+        done = train_run(spec, out, dtype=DTYPES[args.dtype] if args.dtype else None, device=args.device,
+                         viable_from=str(viable) if viable else None, overwrite=args.overwrite,
+                         resume=args.resume is not None, cache_features=args.cache_features)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     if done.viable is not None:
         print(f"viable configurations: {done.viable['configurations']} (validation accuracy of every subset in "
-              f"{Path(args.out) / 'viable.json'})")
-    print(f"trained {cfg.steps} steps, final loss {done.log[-1]['loss']:.4f}; model in {done.final}")
+              f"{Path(out) / 'viable.json'})")
+    if done.log:
+        print(f"trained to step {done.log[-1]['step']}, final loss {done.log[-1]['loss']:.4f}; model in {done.final}")
+    return 0
+
+
+def _dry_run(spec: object, cfg: object, args: argparse.Namespace) -> int:
+    from loupe.memory import estimate_run, memory_table
+
+    report = estimate_run(spec, cfg, args.nproc)  # type: ignore[arg-type]
+    print(memory_table(report))
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="a training checkpoint -> a Hugging Face folder (weights, config, tokenizer)")
+    p.add_argument("checkpoint", help="RUN/checkpoint-N")
+    p.add_argument("out", help="the folder to write")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from loupe.runs import export
+
+    folder = export(Path(args.checkpoint), Path(args.out), overwrite=args.overwrite)
+    print(f"exported {args.checkpoint} to {folder}")
     return 0
 
 

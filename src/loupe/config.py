@@ -108,7 +108,10 @@ class VLMConfig:
     vision_tower: str = "clip"
     projector: str = "mlp2x_gelu"
     image_packing: str = "splice"
-    chat_template: str = "vicuna_v1"  # `loupe.text.PROMPTS`: LLaVA-1.5's; OneVision's is "chatml"
+    chat_template: str = "vicuna_v1"  # `loupe.chat.FAMILIES`: LLaVA-1.5's; OneVision's is "chatml"
+    # The system message trained with and asked with (`loupe.chat`): None is the family's
+    # published default (LLaVA-1.5's vicuna line, none for OneVision), "" none at all.
+    system_prompt: str | None = None
     # AnyRes (LLaVA-OneVision, `image_packing="anyres"`): the (height, width) grids an image may be
     # tiled into, and the cap on the stitched grid's size ("anyres_max_9": about 9 tiles' tokens).
     image_grid_pinpoints: list[list[int]] = field(default_factory=list)

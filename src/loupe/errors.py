@@ -20,6 +20,10 @@ class ConfigError(LoupeError):
     """A config field whose value Loupe does not support."""
 
 
+class Interrupted(LoupeError):
+    """Ctrl-C during training: the message says where the run can resume from."""
+
+
 def preview(items: list[str], limit: int = 10) -> str:
     """`a, b, c, ... (N in all)`: the first `limit` items and a count, for error messages."""
     shown = ", ".join(items[:limit])

@@ -14,12 +14,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from loupe.data.batches import Sample, prompt_ids
 from loupe.data.llava import Example
 from loupe.generation import SamplingConfig, generate
 from loupe.images import ImageProcessor, load_image
 from loupe.methods import MethodReport, RunOptions, selection
 from loupe.text import Tokenizer
-from loupe.train import ImageSource, Sample, prompt_ids
+from loupe.train import ImageSource
 from loupe.vlm import VLM
 
 
@@ -141,7 +142,7 @@ def prefill_latency(model: VLM, examples: Sequence[Example], tok: Tokenizer, rep
     processor = ImageProcessor(size=model.method.image_size())
     times = []
     for ex in examples:
-        ids = torch.tensor([prompt_ids(ex, tok, model.method.tokens_per_image())], device=model.device)
+        ids = torch.tensor([prompt_ids(model, ex, tok)], device=model.device)
         image = load_image(ex.image)
         px = processor(image)[None].to(model.device, model.dtype)
         sizes = torch.tensor([[image.height, image.width]])

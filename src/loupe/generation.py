@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from loupe.chat import template_for
 from loupe.errors import LoupeError
 from loupe.images import load_image
 from loupe.methods import ImageInputs, MethodReport, RunOptions
-from loupe.text import Tokenizer, prompt
+from loupe.text import Tokenizer
 from loupe.vlm import VLM
 
 
@@ -124,7 +125,7 @@ def answer(model: VLM, tok: Tokenizer, image: str | os.PathLike[str], question: 
     image's original size passed along: methods zero its square-padding margin, OneVision
     chooses its tile grid by it)."""
     images = model.prepare_images([load_image(image)])
-    ids, mask = tok.pad_left([tok.encode(prompt(model.cfg.chat_template, question), images.tokens)])
+    ids, mask = tok.pad_left([template_for(model.cfg).prompt_ids(question, tok, images.tokens)])
     out = generate(model, ids, images.pixel_values, mask, sampling, on_token=on_token,
                    image_sizes=images.image_sizes, run=run, on_report=on_report)
     return tok.decode([t for t in out[0].tolist() if t not in sampling.stop_tokens])

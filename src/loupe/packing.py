@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -57,6 +58,10 @@ class Splice(nn.Module):
         sizes = torch.tensor([[im.height, im.width] for im in images])
         return PreparedImages(processor.batch(images), sizes, [method.tokens_per_image()] * len(images))
 
+    def image_tokens(self, path: Path, method: Method) -> int:
+        """<image> ids the image file at `path` takes (LLaVA-1.5: the same for every image)."""
+        return method.tokens_per_image()
+
     def pack(self, embeds: torch.Tensor, image_mask: torch.Tensor, features: Sequence | None) -> torch.Tensor:
         """Text embeddings (B, T, W) with the image features placed at `image_mask` (B, T)."""
         images = [] if features is None else list(features)
@@ -92,6 +97,15 @@ class AnyResPacking(Splice):
         every row."""
         grid, _ = grid_tokens(tiles, self.cfg, height, width)  # (H, L, W)
         return torch.cat([overview, with_newlines(grid, self.image_newline)])
+
+    def image_tokens(self, path: Path, method: Method) -> int:
+        """OneVision's count depends on the image's size: read from the file's header only."""
+        try:
+            with Image.open(path) as im:
+                width, height = im.size
+        except (OSError, ValueError) as e:
+            raise LoupeError(f"cannot read image {path}: {e}") from None
+        return method.tokens_for(height, width)
 
     def prepare(self, images: list[Image.Image], method: Method) -> PreparedImages:
         """OneVision's AnyRes tiles; the method says how many tokens each image takes."""

@@ -42,6 +42,7 @@ from loupe import viz
 from loupe.checkpoints import from_pretrained
 from loupe.config import VLMConfig
 from loupe.cost import estimate
+from loupe.data.batches import Sample, prompt_ids, tokenize
 from loupe.data.llava import Example, read_llava
 from loupe.data.synthetic import SynthConfig, write_dataset
 from loupe.errors import LoupeError
@@ -51,9 +52,10 @@ from loupe.flops import Workload
 from loupe.methods import RunOptions, method_options
 from loupe.methods.flexattn import FlexRun
 from loupe.methods.visor import VisorRun
+from loupe.recipe import load_recipe, train_config
 from loupe.text import Tokenizer
 from loupe.tiny import init_random_, synth_tiny_config, tiny_tokenizer
-from loupe.train import FeatureImages, FeatureStore, PixelImages, Sample, TrainConfig, prompt_ids, tokenize, train
+from loupe.train import FeatureImages, FeatureStore, InMemory, PixelImages, TrainConfig, train
 from loupe.visor_train import fit_router, routing_states, score_table, single_turns, universal_setup, visor_method
 from loupe.vlm import VLM
 
@@ -119,9 +121,8 @@ class Plan:
     base_scenes: int  # the base's training scenes (each with its crops)
 
 
-FULL = Plan(1000, TrainConfig(steps=3500, batch_size=16, lr=2e-3, warmup=50,
-                              train=("vision_tower", "projector", "decoder"), log_every=25),
-            TrainConfig(steps=150, batch_size=16, lr=3e-3, warmup=20, train=("decoder", "method"), log_every=25),
+# The full run's training settings are the shipped recipes `loupe train --recipe` reads too.
+FULL = Plan(1000, train_config(load_recipe("synth-base")), train_config(load_recipe("synth-finetune")),
             latency_samples=16, router_scenes=300, base_scenes=4000)
 QUICK = Plan(60, TrainConfig(steps=30, batch_size=8, lr=1e-3, warmup=5,
                              train=("vision_tower", "projector", "decoder"), log_every=10),
@@ -159,10 +160,10 @@ def train_base(out: Path, examples: Sequence[Example], tok: Tokenizer, plan: Pla
     torch.manual_seed(seed)
     model = init_random_(VLM(synth_tiny_config(tok.inner.get_vocab_size())), std=INIT_STD)
     assert isinstance(model, VLM)
-    samples, paths = tokenize(examples, tok, model.method.tokens_per_image())
+    samples, paths = tokenize(examples, tok, model)
     images = PixelImages(paths, NATIVE, progress)
     cfg = TrainConfig(**{**asdict(plan.base), "seed": seed})
-    train(model, samples, images, cfg, tok.pad_id, out, progress, desc="base")
+    train(model, InMemory(samples, images, tok.pad_id), cfg, out, progress=progress, desc="base")
     (out / "final" / "tokenizer.json").write_bytes(tok.inner.to_str().encode())
     return out / "final"
 
@@ -218,7 +219,7 @@ def make_base(out: Path, train_ex: Sequence[Example], val_ex: Sequence[Example],
     final = train_base(out / "base", train_ex, tok, plan, seed, progress)
     seconds = time.perf_counter() - start
     model = from_pretrained(final, "lowres", dtype=torch.float32)
-    samples, paths = tokenize(val_ex, tok, model.method.tokens_per_image())
+    samples, paths = tokenize(val_ex, tok, model)
     summary = evaluate(model, samples, PixelImages(paths, NATIVE, progress=False), tok, progress=progress).summary()
     command = f"loupe reproduce --stage base --seed {seed}" + (" --quick" if quick else "")
     if plan.base.steps != (QUICK if quick else FULL).base.steps:
@@ -288,7 +289,7 @@ def overlay_questions(test_ex: Sequence[Example]) -> list[Example]:
 def _look(model: VLM, tok: Tokenizer, ex: Example, label: str, run: RunOptions | None = None) -> viz.Look:
     question, reference = ex.turns[0]
     return viz.look(model, tok, ex.image, question, title=label, run=run, max_new_tokens=4,
-                    prompt_ids=prompt_ids(ex, tok, model.method.tokens_per_image()), box=ex.meta["tag_box"],
+                    prompt_ids=prompt_ids(model, ex, tok), box=ex.meta["tag_box"],
                     answer=reference)
 
 
@@ -306,11 +307,11 @@ def write_overlays(looks: dict[str, list[viz.Look]], folder: Path) -> None:
 
 def _train(model: VLM, examples: Sequence[Example], tok: Tokenizer, cfg: TrainConfig, store: FeatureStore,
            out: Path, seed: int, progress: bool, desc: str) -> tuple[float, list[dict[str, Any]]]:
-    samples, paths = tokenize(examples, tok, model.method.tokens_per_image())
+    samples, paths = tokenize(examples, tok, model)
     images = FeatureImages(model, paths, store, tag="train", progress=progress)
     start = time.perf_counter()
-    log = train(model, samples, images, TrainConfig(**{**asdict(cfg), "seed": seed}), tok.pad_id, out, progress,
-                desc=desc)
+    log = train(model, InMemory(samples, images, tok.pad_id), TrainConfig(**{**asdict(cfg), "seed": seed}), out,
+                progress=progress, desc=desc)
     return time.perf_counter() - start, log
 
 
@@ -319,7 +320,7 @@ def assess(label: str, model: VLM, test_ex: Sequence[Example], tok: Tokenizer, p
            run: RunOptions | RunFor | None = None) -> RunResult:
     """Test-split accuracy, FLOPs per sample (measured selection or routing) and prefill latency,
     of the model run with `run` (e.g. one VISOR budget)."""
-    test_samples, test_paths = tokenize(test_ex, tok, model.method.tokens_per_image())
+    test_samples, test_paths = tokenize(test_ex, tok, model)
     result = evaluate(model, test_samples, FeatureImages(model, test_paths, store, tag="test", progress=progress),
                       tok, progress=progress, run=run)
     summary = result.summary()
@@ -360,7 +361,7 @@ def visor_runs(base: Path, train_ex: Sequence[Example], val_ex: Sequence[Example
     first = replace(plan.finetune, steps=max(1, 2 * steps // 3))
     second = replace(plan.finetune, steps=max(1, steps - first.steps), warmup=min(plan.finetune.warmup, 5))
     s1, log1 = _train(model, train_ex, tok, first, store, out / "visor-max", seed, progress, "visor max")
-    val_samples, val_paths = tokenize(val_ex, tok, model.method.tokens_per_image())
+    val_samples, val_paths = tokenize(val_ex, tok, model)
     found = universal_setup(model, val_samples, FeatureImages(model, val_paths, store, tag="val", progress=progress),
                             tok, progress=progress)
     write_json(out / "visor-universal" / "viable.json", found)
@@ -368,7 +369,7 @@ def visor_runs(base: Path, train_ex: Sequence[Example], val_ex: Sequence[Example
     method = visor_method(model)
     start = time.perf_counter()
     turns = single_turns(train_ex[: plan.router_scenes])
-    samples, paths = tokenize(turns, tok, model.method.tokens_per_image())
+    samples, paths = tokenize(turns, tok, model)
     images = FeatureImages(model, paths, store, tag="router", progress=progress)
     scores = score_table(model, samples, images, progress=progress)
     states = routing_states(model, samples, images, progress=progress)
@@ -398,7 +399,7 @@ def reduction_runs(hd: VLM, hd_loss: float, targets: dict[str, float], test_ex: 
     prefill GFLOPs per sample, by name), at the largest knob that fits it (`REDUCTIONS`); a
     method that cannot get down to a target runs at its cheapest setting, flagged over budget.
     Training-free: no training seconds of their own, the hd run's final loss."""
-    samples, _ = tokenize(test_ex, tok, hd.method.tokens_per_image())
+    samples, _ = tokenize(test_ex, tok, hd)
     workload = _workload(samples, tok.image_token_id, None)
     rows = []
     for target, gflops in targets.items():

@@ -46,7 +46,7 @@ def synth_tiny_config(vocab_size: int = 512) -> VLMConfig:
         text=TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
                         num_kv_heads=2, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
                         pad_token_id=3),
-        image_token_id=4, feature_layer=-1)
+        image_token_id=4, feature_layer=-1, system_prompt="")  # the benchmark's conversations have no system line
 
 
 CHATML_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]  # Qwen2's, OneVision's <image>

@@ -46,13 +46,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from loupe.data.batches import Sample, collate, tokenize
 from loupe.data.llava import Example
 from loupe.errors import LoupeError
 from loupe.evaluate import evaluate
 from loupe.files import folder_atomic, write_json
 from loupe.methods.visor import Visor, VisorRun, all_subsets
 from loupe.text import Tokenizer
-from loupe.train import ImageSource, Sample, collate
+from loupe.train import ImageSource
 from loupe.vlm import VLM
 
 EXHAUSTIVE = 6  # SA layers up to which every subset is evaluated (2^6 = 64 evaluations)
@@ -329,13 +330,13 @@ class RouterData:
 def router_data(model_dir: str | os.PathLike[str], data: str | os.PathLike[str], device: str = "cpu") -> RouterData:
     from loupe.checkpoints import from_pretrained
     from loupe.data.llava import read_llava
-    from loupe.train import FeatureImages, tokenize
+    from loupe.train import FeatureImages
 
     model = from_pretrained(model_dir, dtype=torch.float32, device=device)
     visor_method(model)
     tok = Tokenizer.from_folder(model_dir, model.cfg.image_token_id)
     turns = single_turns(read_llava(data))
-    samples, paths = tokenize(turns, tok, model.method.tokens_per_image())
+    samples, paths = tokenize(turns, tok, model)
     return RouterData(model, [(t.id, t.meta.get("kind")) for t in turns], samples, FeatureImages(model, paths))
 
 

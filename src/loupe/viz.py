@@ -21,11 +21,12 @@ from typing import Any
 
 import torch
 
+from loupe.chat import template_for
 from loupe.errors import LoupeError
 from loupe.generation import SamplingConfig, generate
 from loupe.images import ImageProcessor, load_image
 from loupe.methods import MethodReport, RunOptions
-from loupe.text import Tokenizer, llava_prompt
+from loupe.text import Tokenizer
 from loupe.vlm import VLM
 
 
@@ -72,7 +73,7 @@ def look(model: VLM, tok: Tokenizer, image: str | os.PathLike[str], question: st
     """Answer `question` about `image` greedily and keep what the method reported at prefill."""
     picture = load_image(image)
     pixels = ImageProcessor(size=model.method.image_size()).batch([picture])
-    ids = prompt_ids or tok.encode(llava_prompt(question), model.method.tokens_per_image())
+    ids = prompt_ids or template_for(model.cfg).prompt_ids(question, tok, model.method.tokens_per_image())
     reports: list[MethodReport] = []
     stops = [tok.eos_id] if tok.eos_id is not None else model.cfg.text.eos_token_ids
     out = generate(model, torch.tensor([ids]), pixels, sampling=SamplingConfig(max_new_tokens, stop_tokens=stops),

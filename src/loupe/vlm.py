@@ -38,7 +38,7 @@ def _part(table: dict[str, Callable], field_name: str, value: str) -> Callable:
 
 @dataclass
 class VLMOutput:
-    logits: torch.Tensor  # (B, T, V), or (B, 1, V) with last_only
+    logits: torch.Tensor  # (B, T, V); (B, 1, V) with last_only; (K, V) with logit_rows
     report: MethodReport = field(default_factory=MethodReport)  # what the method reports (selection, routing)
 
 
@@ -106,6 +106,7 @@ class VLM(nn.Module):
         image_sizes: torch.Tensor | None = None,
         images: ImageInputs | None = None,
         run: RunOptions | None = None,
+        logit_rows: torch.Tensor | None = None,
     ) -> VLMOutput:
         """Logits for `input_ids` (B, T); Hugging Face-style arguments.
 
@@ -116,7 +117,9 @@ class VLM(nn.Module):
         FlexAttention treat them specially in training). `image_sizes` (I, 2) are the
         original (height, width) of each image. `images` passes features already encoded
         by `model.method.encode` (e.g. cached HR features in training) instead of pixels.
-        `run` holds the method's per-call choices (e.g. `VisorRun`), if any.
+        `run` holds the method's per-call choices (e.g. `VisorRun`), if any. `logit_rows`
+        (B, T) bool computes the LM head at those rows only, in row-major order (training
+        scores a few answer rows: at OneVision's vocabulary the whole (B, T, V) would be GBs).
         """
         input_ids = input_ids.to(self.device)
         self._check_ids(input_ids)
@@ -136,6 +139,11 @@ class VLM(nn.Module):
         step = Step(tokens, cache, images, None if loss_rows is None else loss_rows.to(self.device), run)
 
         h, report = self.method.run_layers(self, x, step)  # (B, T, W)
+        if logit_rows is not None:
+            if tuple(logit_rows.shape) != (b, t) or last_only:
+                raise LoupeError(f"logit_rows of shape {tuple(logit_rows.shape)} must be (batch, length) = {(b, t)} "
+                                 "and cannot be combined with last_only")
+            return VLMOutput(self.decoder.logits(h[logit_rows.to(self.device)]), report)  # (K, V)
         if last_only:
             h = h[:, -1:]  # (B, 1, W)
         return VLMOutput(self.decoder.logits(h), report)

@@ -6,7 +6,9 @@ through it exactly as a real instruction-tuning or evaluation set would:
                         {"from": "gpt", "value": "..."}, ...],
       "meta": {...}}]                      # optional; anything the dataset records
 
-Every problem is reported with the row it is in, before any training starts.
+Rows without "image" are text-only conversations (the LLaVA-1.5 mix holds about 40k of
+them); any number of turns is read. Every problem is reported with the row it is in,
+before any training starts.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from loupe.text import IMAGE_PLACEHOLDER
 @dataclass
 class Example:
     id: str
-    image: Path
-    turns: list[tuple[str, str]]  # (human, assistant) pairs; the first human turn holds <image>
+    image: Path | None  # None: a text-only conversation
+    turns: list[tuple[str, str]]  # (human, assistant) pairs; with an image, the first human turn holds <image>
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -55,8 +57,8 @@ def read_llava(path: str | os.PathLike[str], image_root: str | os.PathLike[str] 
 
 def _example(row: Any, i: int, path: Path, root: Path) -> Example:
     where = f"row {i}" + (f" (id {row.get('id')!r})" if isinstance(row, dict) and "id" in row else "") + f" of {path}"
-    if not isinstance(row, dict) or "image" not in row or "conversations" not in row:
-        raise LoupeError(f"{where}: needs 'image' and 'conversations'")
+    if not isinstance(row, dict) or "conversations" not in row:
+        raise LoupeError(f"{where}: needs 'conversations' (and 'image', unless it is text-only)")
     convo = row["conversations"]
     if not isinstance(convo, list) or len(convo) < 2 or len(convo) % 2:
         raise LoupeError(f"{where}: 'conversations' must alternate human and gpt turns, in pairs")
@@ -66,12 +68,17 @@ def _example(row: Any, i: int, path: Path, root: Path) -> Example:
         if human.get("from") != "human" or gpt.get("from") != "gpt":
             raise LoupeError(f"{where}: turn {k} must come from 'human' and turn {k + 1} from 'gpt'")
         turns.append((str(human.get("value", "")), str(gpt.get("value", ""))))
-    if IMAGE_PLACEHOLDER not in turns[0][0]:
-        raise LoupeError(f"{where}: the question has no {IMAGE_PLACEHOLDER} placeholder: {turns[0][0][:60]!r}")
-    if sum(q.count(IMAGE_PLACEHOLDER) for q, _ in turns) != 1:
-        raise LoupeError(f"{where}: exactly one {IMAGE_PLACEHOLDER} per conversation is supported")
     if any(not a.strip() for _, a in turns):
         raise LoupeError(f"{where}: an answer is empty")
+    placeholders = sum(q.count(IMAGE_PLACEHOLDER) for q, _ in turns)
+    if "image" not in row:
+        if placeholders:
+            raise LoupeError(f"{where}: a text-only conversation (no 'image') holds {IMAGE_PLACEHOLDER}")
+        return Example(str(row.get("id", i)), None, turns, dict(row.get("meta") or {}))
+    if IMAGE_PLACEHOLDER not in turns[0][0]:
+        raise LoupeError(f"{where}: the question has no {IMAGE_PLACEHOLDER} placeholder: {turns[0][0][:60]!r}")
+    if placeholders != 1:
+        raise LoupeError(f"{where}: exactly one {IMAGE_PLACEHOLDER} per conversation is supported")
     image = root / row["image"]
     if not image.is_file():
         raise LoupeError(f"{where}: image not found: {image}")

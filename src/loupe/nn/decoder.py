@@ -17,16 +17,21 @@ so the key map in `loupe.checkpoints` stays a short table.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from loupe.config import TextConfig
 from loupe.nn.attention import Kernel, attend, row_attention, row_key_mask
 from loupe.nn.kv_cache import LayerCache
 from loupe.nn.rope import Rope
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -166,7 +171,16 @@ def scatter_rows(x: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, value
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    With `checkpointed` set (`loupe.distributed.enable_activation_checkpointing`), training
+    forwards keep only the layer's inputs and recompute the rest in backward. The public
+    entry points (`forward`, `forward_rows`, `attention_residual`, `feed_forward`) never call
+    each other, so FSDP2 can gather the layer's parameters around each of them
+    (`register_fsdp_forward_method`).
+    """
+
+    checkpointed: bool = False
 
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
@@ -176,19 +190,40 @@ class DecoderLayer(nn.Module):
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache | None = None) -> torch.Tensor:
-        return self.feed_forward(self.attention_residual(x, ctx, cache))
+        return self._run(self._layer, x, ctx, cache)
 
     def forward_rows(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache | None,
                      rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer with chosen rows recomputed explicitly (see `SelfAttention.forward_rows`);
         returns the new hidden states and those rows' attention probabilities."""
-        attn, probs = self.self_attn.forward_rows(self.input_layernorm(x), ctx, cache, rows)
-        return self.feed_forward(x + attn), probs
+        return self._run(self._layer_rows, x, ctx, cache, rows)
 
     def attention_residual(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache | None = None) -> torch.Tensor:
-        return x + self.self_attn(self.input_layernorm(x), ctx, cache)
+        return self._attention_residual(x, ctx, cache)
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._feed_forward(x)
+
+    # ---- the computation ------------------------------------------------------------
+    def _run(self, fn: Callable[..., T], x: torch.Tensor, ctx: AttnContext, cache: LayerCache | None,
+             *rest: object) -> T:
+        # Recompute only in a training forward without a cache (a cache is written in place).
+        if self.checkpointed and self.training and cache is None and torch.is_grad_enabled():
+            return checkpoint(fn, x, ctx, cache, *rest, use_reentrant=False)
+        return fn(x, ctx, cache, *rest)
+
+    def _layer(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache | None) -> torch.Tensor:
+        return self._feed_forward(self._attention_residual(x, ctx, cache))
+
+    def _layer_rows(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache | None,
+                    rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+        attn, probs = self.self_attn.forward_rows(self.input_layernorm(x), ctx, cache, rows)
+        return self._feed_forward(x + attn), probs
+
+    def _attention_residual(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache | None) -> torch.Tensor:
+        return x + self.self_attn(self.input_layernorm(x), ctx, cache)
+
+    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

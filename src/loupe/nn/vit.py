@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from loupe.config import VisionConfig, VLMConfig
 from loupe.errors import ConfigError
@@ -149,6 +150,8 @@ class VisionMLP(nn.Module):
 
 
 class VisionLayer(nn.Module):
+    checkpointed: bool = False  # recompute in backward when the tower trains (see `DecoderLayer`)
+
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -157,6 +160,11 @@ class VisionLayer(nn.Module):
         self.mlp = VisionMLP(cfg)
 
     def forward(self, x: torch.Tensor, kernel: Kernel) -> torch.Tensor:
+        if self.checkpointed and self.training and torch.is_grad_enabled():
+            return checkpoint(self._layer, x, kernel, use_reentrant=False)
+        return self._layer(x, kernel)
+
+    def _layer(self, x: torch.Tensor, kernel: Kernel) -> torch.Tensor:
         x = x + self.self_attn(self.layer_norm1(x), kernel)
         return x + self.mlp(self.layer_norm2(x))
 
@@ -189,13 +197,18 @@ class VisionTower(nn.Module):
         Hidden state i is the input of layer i (0 = the embeddings), as in transformers'
         `hidden_states`; negative indices count from the last layer's output.
         """
-        return self.trace(pixels, feature_layers, kernel)[0]
+        return self._trace(pixels, feature_layers, kernel)[0]
 
     def trace(self, pixels: torch.Tensor, feature_layers: list[int], kernel: Kernel = "sdpa",
               probes: tuple[int, ...] = (), query: ProbeQuery = "class") -> tuple[torch.Tensor, dict[int, LayerProbe]]:
         """`forward`'s features (class token included), and a `LayerProbe` of each encoder
         layer in `probes` (0-based layer indices; `feature_layer_index` names the one whose
-        output a feature layer reads)."""
+        output a feature layer reads). An entry point of its own beside `forward` (FSDP2
+        gathers the tower around either; neither calls the other)."""
+        return self._trace(pixels, feature_layers, kernel, probes, query)
+
+    def _trace(self, pixels: torch.Tensor, feature_layers: list[int], kernel: Kernel = "sdpa",
+              probes: tuple[int, ...] = (), query: ProbeQuery = "class") -> tuple[torch.Tensor, dict[int, LayerProbe]]:
         count = self.cfg.num_layers + 1
         wanted = [i % count for i in feature_layers]
         x = self.embed(pixels)  # (B, 1+N, E)

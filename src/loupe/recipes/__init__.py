@@ -1,0 +1,1 @@
+"""Training recipes shipped with Loupe (YAML; see `loupe.recipe`)."""
