@@ -9,6 +9,9 @@ Each step is the real `loupe.train` step (answer-only loss over the scored rows,
 on synthetic conversations: the image's tokens, `--text` prompt tokens and `--answer` scored
 answer tokens. tokens/s counts every non-padding token of every process; peak memory is the
 process's peak resident set (CPU) or `torch.cuda.max_memory_allocated` (GPU), per rank.
+Model FLOP/s: (2 x every parameter + 4 x the trained ones) per token, the usual 6N rule
+split into forward and backward and without the attention's T^2 term; with `--peak-tflops`
+(the device's dense bf16 peak, e.g. 989 for an H100 SXM) also the utilisation (MFU).
 
     python benchmarks/train_throughput.py [--models synth-tiny,llava-7b-cut] [--steps 4] [--device cpu]
 """
@@ -94,20 +97,23 @@ def worker(args: argparse.Namespace) -> None:
     peaks = [float(x) for x in world.sum(torch.nn.functional.one_hot(torch.tensor(world.rank), world.size)
                                          * peak_gib(device))]
     if world.main:
-        Path(args.result).write_text(json.dumps({"tokens_per_s": tokens / seconds, "seconds_per_step":
+        params = sum(p.numel() for p in model.parameters())
+        trained_n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        flops = (2 * params + 4 * trained_n) * tokens / seconds
+        Path(args.result).write_text(json.dumps({"tokens_per_s": tokens / seconds, "model_tflops_per_s": flops / 1e12,
+                                                 "mfu": flops / 1e12 / args.peak_tflops if args.peak_tflops else None,
+                                                 "seconds_per_step":
                                                  seconds / len(timed), "peak_gib_per_rank": peaks,
-                                                 "parameters": sum(p.numel() for p in model.parameters()),
-                                                 "trained": sum(p.numel() for p in model.parameters()
-                                                                if p.requires_grad)}))
+                                                 "parameters": params, "trained": trained_n}))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 
 def measure(args: argparse.Namespace, model: str, parallel: str, nproc: int, tmp: Path) -> dict[str, object]:
     result = tmp / f"{model}-{parallel}.json"
+    passed = ("steps", "batch", "text", "answer", "layers", "vision_layers", "device", "precision", "peak_tflops")
     cmd = [__file__, "--worker", "--model", model, "--parallel", parallel, "--result", str(result),
-           *(f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("steps", "batch", "text", "answer", "layers",
-                                                                      "vision_layers", "device", "precision"))]
+           *(f"--{k.replace('_', '-')}={getattr(args, k)}" for k in passed if getattr(args, k) is not None)]
     if args.activation_checkpointing:
         cmd.append("--activation-checkpointing")
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
@@ -131,6 +137,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -149,7 +156,9 @@ def main() -> None:
                 start = time.perf_counter()
                 r = measure(args, model, parallel, nproc, Path(tmp))
                 rows.append({"model": model, "mode": mode, **r, "wall_s": time.perf_counter() - start})
+                mfu = f"  MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""
                 print(f"{model:<13} {mode:<20} {r['tokens_per_s']:9.1f} tokens/s  {r['seconds_per_step']:7.2f} s/step"
+                      f"  {r['model_tflops_per_s']:.3f} model TFLOP/s{mfu}"
                       f"  peak {', '.join(f'{g:.2f}' for g in r['peak_gib_per_rank'])} GiB per rank", flush=True)
     machine = {"device": args.device, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
                "cores": os.cpu_count(), "capability": torch.backends.cpu.get_cpu_capability()}

@@ -191,14 +191,16 @@ def test_memory_formula_matches_what_autograd_saves() -> None:
         assert saved_bytes(lambda: layer(x, ctx), layer.parameters()) / tokens == 4 * width
 
 
-def test_accumulation_and_bf16_match_one_fp32_batch(base: Path, synth: Path, tmp_path: Path) -> None:
+def test_accumulation_bf16_and_fused_adamw_match_one_fp32_batch(base: Path, synth: Path, tmp_path: Path) -> None:
     runs = {}
-    for name, extra in (("one", []), ("accumulated", ["--micro-batch-size", "1"]), ("bf16", ["--precision", "bf16"])):
+    for name, extra in (("one", []), ("accumulated", ["--micro-batch-size", "1"]), ("bf16", ["--precision", "bf16"]),
+                        ("fused", ["fused_adamw=true"])):
         assert main(cli(base, synth, tmp_path / name, "--steps", "2", *extra)) == 0
         runs[name] = [json.loads(r) for r in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
     assert runs["accumulated"][-1]["loss"] == pytest.approx(runs["one"][-1]["loss"], rel=1e-5)
     assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "accumulated")) < 1e-5
     assert runs["bf16"][-1]["loss"] == pytest.approx(runs["one"][-1]["loss"], rel=0.02)
+    assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "fused")) < 1e-5  # torch's fused AdamW kernel
 
 
 # ---- resume, export -------------------------------------------------------------------------------
@@ -343,10 +345,16 @@ def test_every_shipped_recipe_reads_and_overrides_apply() -> None:
     from loupe.recipe import load_recipe, shipped, train_config, with_overrides
 
     names = shipped()
-    assert {"flexattn-llava-1.5-7b", "visor-ov-0.5b-max", "visor-ov-0.5b-universal", "synth-base",
-            "synth-finetune"} <= set(names)
+    assert {"flexattn-llava-1.5-7b", "visor-ov-0.5b-max", "visor-ov-0.5b-universal", "visor-ov-0.5b-router",
+            "synth-base", "synth-finetune"} <= set(names)
     for name in names:
-        train_config(load_recipe(name))
+        if name.endswith("-router"):
+            router = with_overrides(load_recipe(name, kind="router"), ["epochs=10"], "router")
+            assert router["epochs"] == 10 and router["score"] == "exact"
+            with pytest.raises(LoupeError, match="is a 'router' recipe; this command takes 'train'"):
+                load_recipe(name)
+        else:
+            train_config(load_recipe(name))
     flex = with_overrides(load_recipe("flexattn-llava-1.5-7b"), ["lr=3e-5", "options.hr_size=672"])
     cfg = train_config(flex)
     assert cfg.lr == 3e-5 and flex["options"]["hr_size"] == 672 and cfg.warmup_ratio == 0.03

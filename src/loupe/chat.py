@@ -24,7 +24,7 @@ family's published default (LLaVA-1.5's vicuna system line; none for OneVision),
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from loupe.config import VLMConfig
 from loupe.errors import LoupeError
@@ -35,29 +35,26 @@ Turn = tuple[str, str]  # (human, assistant)
 
 @dataclass(frozen=True)
 class ChatTemplate:
-    """A family's turn format; `system` is the message in use (None: no system turn)."""
+    """A family's turn format, as format strings; `system` is the message in use (None: no system turn)."""
 
     name: str
     system: str | None
+    system_turn: str  # "{system}": the text before the first user turn
+    user_turn: str  # "{question}": one user turn up to where the assistant writes
+    between: str  # before every user turn but the first (after the previous reply's end token)
+    reply_turn: str  # "{answer}": an answer's text, without its end token
     ends_reply: str  # the token closing every answer (scored)
 
     # ---- text -----------------------------------------------------------------------
     def head(self) -> str:
         """Text before the first user turn."""
-        if not self.system:
-            return ""
-        return f"{self.system} " if self.name == "vicuna_v1" else f"<|im_start|>system\n{self.system}<|im_end|>\n"
+        return self.system_turn.format(system=self.system) if self.system else ""
 
     def user(self, question: str, first: bool) -> str:
-        """One user turn up to where the assistant starts writing."""
-        if self.name == "vicuna_v1":
-            return f"USER: {question} ASSISTANT:"
-        lead = "" if first else "\n"  # the newline after the previous reply's <|im_end|>
-        return f"{lead}<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+        return ("" if first else self.between) + self.user_turn.format(question=question)
 
     def reply(self, answer: str) -> str:
-        """An answer's text, without its closing token."""
-        return f" {answer}" if self.name == "vicuna_v1" else answer
+        return self.reply_turn.format(answer=answer)
 
     def prompt(self, question: str, image: bool = True) -> str:
         """The first turn's prompt text (what `loupe generate` asks)."""
@@ -95,14 +92,20 @@ def image_first(question: str) -> str:
     return f"{IMAGE_PLACEHOLDER}\n{rest}"
 
 
-# `VLMConfig.chat_template` -> (the family's default system message, the token ending a reply).
-FAMILIES: dict[str, tuple[str | None, str]] = {"vicuna_v1": (LLAVA_SYSTEM, "</s>"), "chatml": (None, "<|im_end|>")}
+# `VLMConfig.chat_template` -> the family's template, with its published default system message.
+FAMILIES: dict[str, ChatTemplate] = {
+    "vicuna_v1": ChatTemplate("vicuna_v1", LLAVA_SYSTEM, "{system} ", "USER: {question} ASSISTANT:", "", " {answer}",
+                              "</s>"),
+    "chatml": ChatTemplate("chatml", None, "<|im_start|>system\n{system}<|im_end|>\n",
+                           "<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n", "\n", "{answer}",
+                           "<|im_end|>"),
+}
 
 
 def template_for(cfg: VLMConfig) -> ChatTemplate:
     """The conversation template of a model: its family's, with the checkpoint's system message."""
     if cfg.chat_template not in FAMILIES:
         raise LoupeError(f"unknown chat template {cfg.chat_template!r}; Loupe has {sorted(FAMILIES)}")
-    default, ends = FAMILIES[cfg.chat_template]
-    system = default if cfg.system_prompt is None else cfg.system_prompt
-    return ChatTemplate(cfg.chat_template, system or None, ends)
+    family = FAMILIES[cfg.chat_template]
+    system = family.system if cfg.system_prompt is None else cfg.system_prompt
+    return replace(family, system=system or None)

@@ -68,7 +68,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="answer a prompt about an image, streaming tokens")
     _model_args(p)
     p.add_argument("--image", required=True, help="image file")
-    p.add_argument("--prompt", required=True, help="question; the LLaVA-1.5 template is applied")
+    p.add_argument("--prompt", required=True, help="question; the model family's chat template is applied")
     p.add_argument("--router", default=None, help="visor: route with this trained router (loupe router train)")
     p.add_argument("--overlay", default=None, metavar="OUT.png",
                    help="also draw where the model looked (attention, selected HR blocks, answer) to this PNG")
@@ -467,8 +467,9 @@ def _add_router(sub: argparse._SubParsersAction) -> None:
                              "labels (cheapest configuration within 99%% of the maximum's score) as JSON"),
                             ("train", cmd_router_train, "train the router on the labels (or build them first)")):
         q = router.add_parser(name, help=what)
-        q.add_argument("--model", required=True, help="a universally trained visor checkpoint")
-        q.add_argument("--data", required=True, help="LLaVA-format JSON: every turn is one routing sample")
+        q.add_argument("--model", required=name == "labels", help="a universally trained visor checkpoint")
+        q.add_argument("--data", required=name == "labels", help="LLaVA-format JSON: every turn is one routing "
+                       "sample")
         q.add_argument("--out", required=True, help="labels JSON file" if name == "labels" else "router folder")
         q.add_argument("--device", default="cpu")
         q.add_argument("--score", choices=["exact", "likelihood"], default="exact",
@@ -479,8 +480,10 @@ def _add_router(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--overwrite", action="store_true")
         if name == "train":
             q.add_argument("--labels", default=None, help="labels from `loupe router labels` (default: build them)")
-            q.add_argument("--epochs", type=int, default=300)
-            q.add_argument("--seed", type=int, default=0)
+            q.add_argument("--epochs", type=int, default=None, help="default 300 (or the recipe's)")
+            q.add_argument("--seed", type=int, default=None)
+            q.add_argument("--recipe", default=None, help="a router recipe (e.g. visor-ov-0.5b-router)")
+            q.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="router recipe overrides")
         q.set_defaults(run=run)
 
 
@@ -497,10 +500,18 @@ def cmd_router_labels(args: argparse.Namespace) -> int:
 
 
 def cmd_router_train(args: argparse.Namespace) -> int:
+    from loupe.recipe import load_recipe, required, with_overrides
     from loupe.visor_train import router_data, train_router_from
 
-    report = train_router_from(router_data(args.model, args.data, args.device), args.out, args.labels, args.epochs,
-                               args.seed, args.score, solved_only=not args.all_samples, overwrite=args.overwrite)
+    recipe = load_recipe(args.recipe, kind="router") if args.recipe else {}
+    given = {k: getattr(args, k) for k in ("model", "data", "epochs", "seed") if getattr(args, k) is not None}
+    if args.all_samples:
+        given["all_samples"] = True
+    r = with_overrides({"epochs": 300, "seed": 0, "score": args.score, **recipe, **given}, args.overrides, "router")
+    name = f"recipe {args.recipe}" if args.recipe else "this command"
+    report = train_router_from(router_data(required(r, "model", name), required(r, "data", name), args.device),
+                               args.out, args.labels, int(r["epochs"]), int(r["seed"]), str(r["score"]),
+                               solved_only=not r.get("all_samples", False), overwrite=args.overwrite)
     print(f"router for {report.configurations}: {report.samples} samples, labels per configuration "
           f"{report.label_counts}, training accuracy {report.train_accuracy:.1f}%; written to {args.out}")
     return 0

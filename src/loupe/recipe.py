@@ -28,6 +28,9 @@ from loupe.train import TrainConfig
 
 RUN_KEYS = ("model", "method", "options", "data", "image_root", "viable_from")
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+# VISOR's router (`loupe router train --recipe`): trained offline on pseudo-labels of a universal model.
+ROUTER_KEYS = ("kind", "model", "data", "epochs", "seed", "score", "all_samples")
+KINDS = {"train": ("kind", *RUN_KEYS, *TRAIN_KEYS), "router": ROUTER_KEYS}  # recipe kind -> its keys
 
 
 def shipped() -> list[str]:
@@ -49,7 +52,8 @@ def recipe_path(name: str) -> Path:
     return Path(str(found))
 
 
-def load_recipe(name: str) -> dict[str, Any]:
+def load_recipe(name: str, kind: str = "train") -> dict[str, Any]:
+    """A recipe file's mapping, its keys checked (`kind`: "train" for `loupe train`, "router")."""
     path = recipe_path(name)
     try:
         recipe = yaml.safe_load(path.read_text()) or {}
@@ -57,22 +61,24 @@ def load_recipe(name: str) -> dict[str, Any]:
         raise LoupeError(f"recipe {path} is not valid YAML: {e}") from None
     if not isinstance(recipe, dict):
         raise LoupeError(f"recipe {path} must be a mapping of keys to values, not {type(recipe).__name__}")
-    check_keys(recipe, str(path))
+    if recipe.get("kind", "train") != kind:
+        raise LoupeError(f"recipe {path} is a {recipe.get('kind', 'train')!r} recipe; this command takes {kind!r} "
+                         f"recipes ({'loupe router train' if kind == 'train' else 'loupe train'} takes the other)")
+    check_keys(recipe, str(path), kind)
     return recipe
 
 
-def check_keys(recipe: dict[str, Any], where: str) -> None:
-    unknown = sorted(set(recipe) - set(RUN_KEYS) - set(TRAIN_KEYS))
+def check_keys(recipe: dict[str, Any], where: str, kind: str = "train") -> None:
+    unknown = sorted(set(recipe) - set(KINDS[kind]))
     if unknown:
-        raise LoupeError(f"{where}: unknown recipe key(s) {unknown}; a recipe takes {list(RUN_KEYS)} and the "
-                         f"training settings {list(TRAIN_KEYS)}")
+        raise LoupeError(f"{where}: unknown recipe key(s) {unknown}; a {kind} recipe takes {list(KINDS[kind])}")
     if not isinstance(recipe.get("options") or {}, dict):
         raise LoupeError(f"{where}: options must be a mapping of method options, not {recipe['options']!r}")
 
 
-def with_overrides(recipe: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def with_overrides(recipe: dict[str, Any], overrides: list[str], kind: str = "train") -> dict[str, Any]:
     """`recipe` with each `KEY=VALUE` (VALUE read as YAML; `options.NAME=VALUE` for a method option)."""
-    out = {**recipe, "options": dict(recipe.get("options") or {})}
+    out = {**recipe}
     for pair in overrides:
         key, sep, text = pair.partition("=")
         if not sep or not key:
@@ -87,17 +93,17 @@ def with_overrides(recipe: dict[str, Any], overrides: list[str]) -> dict[str, An
             except ValueError:
                 pass
         if key.startswith("options."):
-            out["options"][key.removeprefix("options.")] = value
+            out["options"] = {**(out.get("options") or {}), key.removeprefix("options."): value}
         else:
             out[key] = value
-    check_keys(out, "overrides")
+    check_keys(out, "overrides", kind)
     return out
 
 
 def train_config(recipe: dict[str, Any]) -> TrainConfig:
     """The recipe's training settings (unset ones at `TrainConfig`'s defaults)."""
     try:
-        return TrainConfig(**{k: v for k, v in recipe.items() if k in TRAIN_KEYS})
+        return TrainConfig(**{k: v for k, v in recipe.items() if k in TRAIN_KEYS})  # type: ignore[arg-type]
     except TypeError as e:
         raise LoupeError(f"recipe training settings: {e}") from None
 

@@ -449,6 +449,9 @@ def _prepare_folder(run: Path, spec: RunSpec, world: World, resume: bool, overwr
     """Check (resume) or claim (a new run) the run folder, then write run.json."""
     if resume:
         check_resume(read_spec(run), spec, run)
+        if world.main:  # what a save cut short left behind
+            for partial in run.glob("checkpoint-*.partial"):
+                shutil.rmtree(partial, ignore_errors=True)
     elif world.main:
         if ((run / "final").exists() or latest(run) is not None) and not overwrite:
             raise LoupeError(f"{run} already holds a training run; pass --resume to continue it or --overwrite "

@@ -133,7 +133,7 @@ class StepPlan:
     batch_size: int
     seed: int
     lengths: Sequence[int] | None = None
-    _epoch: tuple[int, list[list[int]]] | None = field(default=None, repr=False)
+    _epoch: tuple[int, list[list[int]]] | None = field(default=None, init=False, repr=False)  # the last epoch drawn
 
     MEGABATCH = 50  # batches per length-sorted megabatch
 
