@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "where it matters (FlexAttention, VISOR and baselines).")
     sub = parser.add_subparsers(title="commands")
     for add in (_add_generate, _add_info, _add_convert, _add_demo, _add_flops, _add_bench, _add_data, _add_train,
-                _add_export, _add_router, _add_reproduce):
+                _add_export, _add_eval, _add_router, _add_reproduce):
         add(sub)
     return parser
 
@@ -441,6 +441,52 @@ def _dry_run(spec: object, cfg: object, args: argparse.Namespace) -> int:
 
     report = estimate_run(spec, cfg, args.nproc)  # type: ignore[arg-type]
     print(memory_table(report))
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    from loupe.tasks import TASKS
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a benchmark (local copy of its public release); "
+                       "resumable, sharded under torchrun; --compare: accuracy against cost of several runs")
+    p.add_argument("--model", default=None, help="checkpoint folder")
+    p.add_argument("--task", default=None, help=f"one of {sorted(TASKS)}")
+    p.add_argument("--data", default=None, help="the benchmark's files (parquet file or folder, JSON, V* folder)")
+    p.add_argument("--method", choices=sorted(METHODS), default=None)
+    p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE", help="method option")
+    p.add_argument("--task-option", "-t", action="append", default=[], metavar="KEY=VALUE",
+                   help="task option, e.g. -t ocr=true (textvqa)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="the first N questions only")
+    p.add_argument("--out", required=True, help="run folder (predictions, results); with --compare: where the "
+                   "table, JSON and plots go")
+    p.add_argument("--compare", nargs="+", default=None, metavar="RUN", help="finished eval runs to compare")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(run=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from loupe.evaluation import EvalSpec, compare, results_table, run_eval
+
+    if args.compare:
+        print(compare([Path(r) for r in args.compare], Path(args.out))["table"], end="")
+        print(f"table, JSON and plots (accuracy against FLOPs per task) in {args.out}")
+        return 0
+    missing = [f"--{k}" for k in ("model", "task", "data") if getattr(args, k) is None]
+    if missing:
+        raise LoupeError(f"loupe eval needs {', '.join(missing)} (or --compare RUN...)")
+    spec = EvalSpec(str(Path(args.model).resolve()), args.task, str(Path(args.data).resolve()), args.method,
+                    parse_options(args.option), parse_options(args.task_option), args.limit)
+    try:
+        summary = run_eval(spec, args.out, batch_size=args.batch_size, device=args.device,
+                           dtype=DTYPES[args.dtype] if args.dtype else None)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if summary is not None:
+        print(results_table([summary]), end="")
+        print(f"predictions and results.json in {args.out}")
     return 0
 
 

@@ -1,0 +1,124 @@
+"""Readers of the public releases' formats, into `Item`s.
+
+- parquet as the hub's lmms-lab datasets ship them (one file or a folder of shards; images
+  as `{"bytes", "path"}` structs), through pyarrow (`pip install "loupe[eval]"`);
+- JSON with image folders: V* Bench (`direct_attributes/`, `relative_position/`: one JSON
+  per image beside it, the correct option first) and MagnifierBench (a JSON list);
+- the LLaVA conversation format (the built-in benchmark).
+
+A row that lacks what the task needs is an error naming the row and the missing fields,
+before anything is evaluated.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from loupe.errors import LoupeError
+from loupe.images import load_image
+
+
+@dataclass
+class Item:
+    """One benchmark question."""
+
+    id: str
+    image: Path | bytes | None  # a file, or the encoded image a parquet row carries
+    question: str
+    answers: list[str]  # the ground truths (VQA: the ten human answers; multiple choice: the letter)
+    options: list[str] = field(default_factory=list)  # multiple choice: the options' texts, in order
+    category: str = "all"
+    meta: dict[str, Any] = field(default_factory=dict)  # hint, OCR tokens, ...
+
+    def picture(self) -> Image.Image:
+        if self.image is None:
+            raise LoupeError(f"item {self.id!r} has no image")
+        if isinstance(self.image, Path):
+            return load_image(self.image)
+        try:
+            with Image.open(io.BytesIO(self.image)) as im:
+                im.load()
+                return im.convert("RGB")
+        except OSError as e:
+            raise LoupeError(f"item {self.id!r}: its image bytes cannot be decoded: {e}") from None
+
+
+# ---- parquet -----------------------------------------------------------------------------------
+def parquet_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, row) of every row of a parquet file or of every *.parquet under a folder."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise LoupeError("reading parquet needs pyarrow: pip install \"loupe[eval]\"") from None
+    files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
+    if not files:
+        raise LoupeError(f"no parquet files at {path}")
+    for file in files:
+        for k, row in enumerate(pq.read_table(file).to_pylist()):
+            yield f"row {k} of {file}", row
+
+
+def require(row: dict[str, Any], fields: Sequence[str], where: str, schema: str) -> None:
+    missing = [f for f in fields if f not in row or row[f] is None]
+    if missing:
+        raise LoupeError(f"{where}: missing {missing} - not the {schema} schema (it needs {list(fields)}; the row "
+                         f"has {sorted(row)})")
+
+
+def image_of(value: Any, where: str, root: Path) -> Path | bytes:
+    """A parquet image cell (a {"bytes", "path"} struct, raw bytes or a path) as bytes or a file."""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return bytes(value["bytes"])
+        value = value.get("path")
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    if isinstance(value, str) and value:
+        path = root / value
+        if not path.is_file():
+            raise LoupeError(f"{where}: image not found: {path}")
+        return path
+    raise LoupeError(f"{where}: the image cell holds neither bytes nor a path")
+
+
+# ---- JSON with image folders -----------------------------------------------------------------
+def vstar_items(path: Path) -> list[Item]:
+    """V* Bench: `<category>/<name>.json` ({"question", "options", ...}) beside `<name>.jpg|png`;
+    the first option is the correct one (SEAL's release and evaluation)."""
+    items = []
+    for category in ("direct_attributes", "relative_position"):
+        folder = path / category
+        for meta_file in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            where = str(meta_file)
+            row = json.loads(meta_file.read_text())
+            require(row, ["question", "options"], where, "V* Bench")
+            images = [p for p in meta_file.parent.glob(meta_file.stem + ".*") if p.suffix.lower() != ".json"]
+            if not images:
+                raise LoupeError(f"{where}: no image {meta_file.stem}.* beside it")
+            items.append(Item(f"{category}/{meta_file.stem}", images[0], row["question"], ["A"],
+                              [str(o) for o in row["options"]], category))
+    if not items:
+        raise LoupeError(f"{path} holds no V* Bench questions (expected direct_attributes/*.json and "
+                         "relative_position/*.json beside their images)")
+    return items
+
+
+def json_list(path: Path, schema: str) -> tuple[Path, list[tuple[str, dict[str, Any]]]]:
+    """The rows of a JSON list file (or of the only *.json in a folder), and the images' root."""
+    file = path if path.is_file() else next(iter(sorted(path.glob("*.json"))), None)
+    if file is None:
+        raise LoupeError(f"no {schema} JSON file at {path}")
+    try:
+        rows = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise LoupeError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(rows, list):
+        raise LoupeError(f"{file} must hold a JSON list of {schema} questions")
+    return file.parent, [(f"row {k} of {file}", row) for k, row in enumerate(rows)]
