@@ -6,8 +6,8 @@
 Registered through lmms-eval's entry-point group `lmms_eval.models` (pyproject.toml,
 `loupe.lmms_entry:manifest`), so `--model loupe` finds it. `--model_args`: `pretrained`
 (the checkpoint folder), `method`, `device`, `dtype` (float32 | bfloat16 | float16),
-`batch_size`; every other key is a method option. Prompts go through the model family's chat template (`loupe.chat`), the one Loupe
-trains and generates with.
+`batch_size`; every other key is a method option. Prompts go through the model family's
+chat template (`loupe.chat`), the one Loupe trains and generates with.
 
 - `loglikelihood` returns (mean cross-entropy of the continuation's tokens, whether greedy
   decoding would produce it): lmms-eval's multiple-choice scoring takes the argmin. (lmms-eval
