@@ -166,8 +166,8 @@ def test_option_likelihood_is_the_mean_cross_entropy_of_the_option(data: dict[st
     t = task("vstar")
     item = t.read(data["vstar"])[0]
     asker = Asker(model, tok, template_for(model.cfg), t, {})
-    losses = asker.option_losses([item], [item.picture()])[0]
     images = model.prepare_images([item.picture()])
+    losses = asker.option_losses([item], images)[0]
     prompt = asker.prompts([item], images.tokens)[0]
     for option, loss in zip(item.options, losses, strict=True):
         reply = tok.encode(asker.chat.reply(option), add_bos=False)

@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 from loupe.chat import ChatTemplate, template_for
@@ -40,6 +39,7 @@ from loupe.files import write_atomic, write_json
 from loupe.flops import Workload
 from loupe.generation import SamplingConfig, generate
 from loupe.methods import MethodReport
+from loupe.packing import PreparedImages
 from loupe.tasks import Item, Task, metrics, task
 from loupe.text import Tokenizer
 from loupe.vlm import VLM
@@ -112,9 +112,8 @@ class Asker:
                                                                                                    strict=True)]
 
     @torch.inference_mode()
-    def generate(self, items: list[Item], pictures: list[Image.Image]) -> tuple[list[str], MethodReport, list[int]]:
+    def generate(self, items: list[Item], images: PreparedImages) -> tuple[list[str], MethodReport, list[int]]:
         """Greedy answers, the method's prefill report, and each prompt's text tokens (without the image's)."""
-        images = self.model.prepare_images(pictures)
         prompts = self.prompts(items, images.tokens)
         ids, mask = self.tok.pad_left(prompts)
         stops = [self.tok.eos_id] if self.tok.eos_id is not None else []
@@ -126,10 +125,9 @@ class Asker:
         return texts, reports[0], [len(p) - n for p, n in zip(prompts, images.tokens, strict=True)]
 
     @torch.inference_mode()
-    def option_losses(self, items: list[Item], pictures: list[Image.Image]) -> list[list[float]]:
+    def option_losses(self, items: list[Item], images: PreparedImages) -> list[list[float]]:
         """Mean cross-entropy of every option's tokens after each item's prompt."""
         rows, owner = [], []
-        images = self.model.prepare_images(pictures)
         prompts = self.prompts(items, images.tokens)
         for k, item in enumerate(items):
             for option in item.options:
@@ -163,8 +161,9 @@ def _flops(model: VLM, text_tokens: int, new_tokens: int, report: MethodReport, 
 def answer_batch(asker: Asker, items: list[Item]) -> list[dict[str, Any]]:
     pictures = [i.picture() for i in items]
     start = time.perf_counter()
-    texts, report, text_tokens = asker.generate(items, pictures)
-    losses = asker.option_losses(items, pictures) if asker.task.likelihood else None
+    images = asker.model.prepare_images(pictures)  # once for both passes
+    texts, report, text_tokens = asker.generate(items, images)
+    losses = asker.option_losses(items, images) if asker.task.likelihood else None
     seconds = (time.perf_counter() - start) / len(items)
     rows = []
     for k, (item, text) in enumerate(zip(items, texts, strict=True)):

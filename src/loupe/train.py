@@ -318,7 +318,8 @@ class Trainer:
                 (part * (world.size / tokens)).backward()  # DDP / FSDP average over processes
             total += part.item()
             seen += int(batch.attention_mask.sum())
-        loss = float(world.sum(total)) / tokens
+        summed, seen_all = (float(v) for v in world.sum(torch.tensor([total, seen], dtype=torch.float64)))
+        loss = summed / tokens  # one all-reduce for the logged loss and the tokens seen
         if not math.isfinite(loss):
             raise LoupeError(f"the loss became {loss} at step {step}; nothing was saved after the last checkpoint - "
                              f"lower the learning rate (now {cfg.lr})")
@@ -327,7 +328,7 @@ class Trainer:
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         norm_value = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        return {"loss": loss, "grad_norm": float(norm_value), "tokens": float(world.sum(seen)), "label": draw.label}
+        return {"loss": loss, "grad_norm": float(norm_value), "tokens": seen_all, "label": draw.label}
 
 
 def build_trainer(model: VLM, cfg: TrainConfig, world: World, device: str | None = None) -> Trainer:
