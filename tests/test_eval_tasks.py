@@ -54,6 +54,13 @@ def test_relaxed_accuracy_5_percent_rule() -> None:
     assert metrics.relaxed_accuracy(" Yes ", "yes") == 1.0 and metrics.relaxed_accuracy("no", "yes") == 0.0
 
 
+def test_magnifierbench_parses_as_its_authors_do() -> None:
+    q = "What colour is the car? A. red, B. blue, C. green, D. white."
+    for said, letter in (("The answer is C.", "C"), ("B", "B"), ("I think A red one", "A"),  # any capital A-D
+                         ("it is green", "C"), ("white", "D"), ("it is a car", "A"), ("yes", "other"), ("b", "B")):
+        assert metrics.magnifier_letter(said, q) == letter, said
+
+
 def test_option_letters_and_yes_no() -> None:
     opts = ["dog", "cat", "bird"]
     for said, letter in (("B", "B"), ("(B) cat", "B"), ("C.", "C"), ("The answer is A", "A"), ("a cat", "B"),
@@ -116,13 +123,9 @@ def fixtures(root: Path) -> dict[str, Path]:
                                                           "options": ["red", "blue", "green", "white"],
                                                           "target_object": ["cup"], "bbox": [[1, 2, 3, 4]]}))
     paths["vstar"] = root / "vstar"
-    (root / "magnifier" / "images").mkdir(parents=True)
-    rows = []
-    for k in range(3):
-        (root / "magnifier" / "images" / f"{k}.png").write_bytes(png(k))
-        rows.append({"id": f"m{k}", "image": f"images/{k}.png", "question": "What is on the sign?",
-                     "options": ["A. stop", "B. go"], "answer": "A"})
-    (root / "magnifier" / "magnifierbench.json").write_text(json.dumps(rows))
+    write_parquet(root / "magnifier" / "data" / "test-00000-of-00001.parquet", [  # Otter-AI/MagnifierBench
+        {"id": f"m{k}", "instruction": "What is on the sign? A. stop, B. go, C. yield, D. exit", "images": [img(k)],
+         "answer": "A"} for k in range(3)])
     paths["magnifierbench"] = root / "magnifier"
     return paths
 
@@ -184,9 +187,12 @@ def test_bad_data_and_options_are_named(data: dict[str, Path], tiny: Path, tmp_p
                                          r"lmms-lab/textvqa schema"):
         task("textvqa").read(tmp_path / "bad.parquet")
     (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "mb.json").write_text(json.dumps([{"image": "nope.png", "question": "q", "options": ["a"],
-                                                          "answer": "A"}]))
+    (tmp_path / "m" / "mb.json").write_text(json.dumps([{"id": "x", "images": ["nope.png"], "answer": "A",
+                                                          "instruction": "Q? A. a, B. b, C. c, D. d"}]))
     with pytest.raises(LoupeError, match=r"row 0 of .*mb.json: image not found: .*nope.png"):
+        task("magnifierbench").read(tmp_path / "m")
+    (tmp_path / "m" / "mb.json").write_text(json.dumps([{"image": "a.png", "question": "q", "answer": "A"}]))
+    with pytest.raises(LoupeError, match=r"missing \['id', 'instruction', 'images'\] - not the Otter-AI/Magnifier"):
         task("magnifierbench").read(tmp_path / "m")
     with pytest.raises(LoupeError, match=r"unknown task 'vqav9'; Loupe evaluates \[.*'textvqa'"):
         task("vqav9")
@@ -257,3 +263,51 @@ def test_compare_draws_accuracy_against_cost(data: dict[str, Path], tiny: Path, 
     assert (tmp_path / "cmp" / "compare-chartqa.png").stat().st_size > 0
     summaries = json.loads((tmp_path / "cmp" / "compare.json").read_text())["summaries"]
     assert summaries[1]["flops_per_sample"] > summaries[0]["flops_per_sample"]  # HD pays for its tiles
+
+
+def test_onevision_batched_equals_per_sample_on_images_of_different_sizes(tmp_path: Path) -> None:
+    """AnyRes gives each size its own token count: a left-padded batch answers and ranks options as one
+    question at a time does (the option losses are continuous, so this is a sharp check)."""
+    ov = write_tiny_checkpoint(tmp_path / "ov", onevision=True)
+    folder = tmp_path / "vstar" / "direct_attributes"
+    folder.mkdir(parents=True)
+    for k, size in enumerate([(60, 45), (120, 40), (33, 90), (64, 64)]):
+        Image.open(io.BytesIO(png(k, size))).convert("RGB").save(folder / f"{k}.jpg")
+        (folder / f"{k}.json").write_text(json.dumps({"question": "What is the colour of the cup?",
+                                                      "options": ["red", "blue", "green", "white"]}))
+    args = ["eval", "--model", str(ov), "--task", "vstar", "--data", str(tmp_path / "vstar")]
+    assert main([*args, "--batch-size", "4", "--out", str(tmp_path / "batched")]) == 0
+    assert main([*args, "--batch-size", "1", "--out", str(tmp_path / "single")]) == 0
+    rows = {d: {r["id"]: r for r in map(json.loads, (tmp_path / d / "predictions.rank0.jsonl").open())}
+            for d in ("batched", "single")}
+    assert len(rows["batched"]) == 4
+    for qid, row in rows["single"].items():
+        assert rows["batched"][qid]["output"] == row["output"], qid
+        assert rows["batched"][qid]["option_losses"] == pytest.approx(row["option_losses"], rel=1e-4), qid
+        assert rows["batched"][qid]["flops"] == pytest.approx(row["flops"])
+    assert len({round(r["flops"]) for r in rows["single"].values()}) > 1  # each image's own AnyRes grid
+
+
+def test_vstar_reads_both_releases_and_letters_are_not_always_a(tmp_path: Path, data: dict[str, Path]) -> None:
+    # SEAL's folders put the correct option first; the letter protocol must not reward "always A"
+    folder = tmp_path / "seal" / "direct_attributes"
+    folder.mkdir(parents=True)
+    for k in range(40):
+        (folder / f"{k}.jpg").write_bytes(b"")  # only the reader runs here
+        (folder / f"{k}.json").write_text(json.dumps({"question": "Colour?", "options": ["red", "blue", "green",
+                                                                                        "white"]}))
+    items = task("vstar").read(tmp_path / "seal")
+    assert all(i.options[metrics.LETTERS.index(i.answers[0])] == "red" for i in items)  # still the right one
+    assert sorted(i.answers[0] for i in items) != ["A"] * 40 and len({i.answers[0] for i in items}) == 4
+    # lmms-lab/vstar-bench: options inside `text`, the letter in `label`
+    write_parquet(tmp_path / "hub" / "test.parquet", [
+        {"image": {"bytes": png(0), "path": None}, "question_id": 7, "category": "relative_position",
+         "text": "Is the cup on the left or right of the dog?\n(A) left\n(B) right\nAnswer with the option's letter "
+                 "from the given choices directly.", "label": "B"}])
+    (item,) = task("vstar").read(tmp_path / "hub")
+    assert (item.question, item.options, item.answers, item.category) == (
+        "Is the cup on the left or right of the dog?", ["left", "right"], ["B"], "relative_position")
+    write_parquet(tmp_path / "bad" / "test.parquet", [{"image": {"bytes": png(0), "path": None}, "text": "Q? (A) x",
+                                                       "label": "C"}])
+    with pytest.raises(LoupeError, match=r"row 0 of .*test.parquet: its text does not list options"):
+        task("vstar").read(tmp_path / "bad")

@@ -11,7 +11,7 @@ against what the benchmark allows.
 | textvqa | lmms-lab/textvqa parquet | VQA accuracy (-t ocr=true adds the OCR tokens, as LLaVA's own eval) |
 | docvqa | lmms-lab/DocVQA parquet | ANLS |
 | chartqa | lmms-lab/ChartQA parquet | relaxed accuracy, by human / augmented |
-| magnifierbench | MagnifierBench JSON | option letter |
+| magnifierbench | Otter-AI/MagnifierBench parquet (or its fields as JSON) | option letter, parsed as its authors do |
 | gqa | lmms-lab/GQA parquet (instructions + images) | exact match after EvalAI normalisation |
 | scienceqa_img | lmms-lab/ScienceQA parquet (ScienceQA-IMG) | option letter |
 | mmbench | lmms-lab/MMBench parquet (dev, with answers) | option letter, by category |
@@ -141,17 +141,25 @@ def read_gqa(path: Path) -> list[Item]:
     return items
 
 
+MAGNIFIER_PROMPT = "Answer with the option letter from the given choices directly."  # Otter's benchmark.yaml
+
+
 def read_magnifierbench(path: Path) -> list[Item]:
-    """A JSON list of {"id", "image" (relative to the file), "question", "options" [texts], "answer" (letter)}."""
-    root, rows = json_list(path, "MagnifierBench")
+    """Otter-AI/MagnifierBench as the hub ships it (parquet: `id`, `instruction` - the question
+    with its options inline, "...? A. x, B. y, C. z, D. w" -, `images` [one image], `answer`
+    the letter), or the same fields as a JSON list with `images` as paths beside the file."""
+    if path.is_file() and path.suffix == ".json" or path.is_dir() and not any(path.rglob("*.parquet")):
+        root, rows = json_list(path, "MagnifierBench")
+    else:
+        root, rows = path if path.is_dir() else path.parent, list(parquet_rows(path))
     items = []
     for where, r in rows:
-        require(r, ["image", "question", "options", "answer"], where, "MagnifierBench")
-        image = root / r["image"]
-        if not image.is_file():
-            raise LoupeError(f"{where}: image not found: {image}")
-        items.append(Item(str(r.get("id", where)), image, r["question"], [str(r["answer"]).strip().upper()[:1]],
-                          [str(o) for o in r["options"]]))
+        require(r, ["id", "instruction", "images", "answer"], where, "Otter-AI/MagnifierBench")
+        images = r["images"] if isinstance(r["images"], list) else [r["images"]]
+        if len(images) != 1:  # the authors skip these too; Loupe refuses rather than score a subset silently
+            raise LoupeError(f"{where}: {len(images)} images; MagnifierBench questions have one")
+        items.append(Item(str(r["id"]), image_of(images[0], where, root), str(r["instruction"]),
+                          [str(r["answer"]).strip().upper()]))
     return items
 
 
@@ -200,8 +208,9 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          "anls", max_new_tokens=32),
     Task("chartqa", read_chartqa, lambda i, o: i.question + SHORT,
          lambda t, i: {"relaxed_accuracy": metrics.relaxed_accuracy(t, i.answers[0])}, "relaxed_accuracy"),
-    Task("magnifierbench", read_magnifierbench, lambda i, o: f"{i.question}\n{lettered(i.options)}{LETTER}",
-         letter_score, "accuracy", max_new_tokens=4),
+    Task("magnifierbench", read_magnifierbench, lambda i, o: f"{MAGNIFIER_PROMPT} {i.question}",
+         lambda t, i: {"accuracy": float(metrics.magnifier_letter(t, i.question) == i.answers[0])}, "accuracy",
+         max_new_tokens=16),
     Task("gqa", read_gqa, lambda i, o: i.question + SHORT,
          lambda t, i: {"accuracy": float(metrics.normalise_answer(t) == metrics.normalise_answer(i.answers[0]))},
          "accuracy"),

@@ -142,6 +142,35 @@ def option_letter(prediction: str, options: Sequence[str]) -> str | None:
     return named[0] if len(named) == 1 else None
 
 
+_MAG_SAYS = re.compile(r"The answer is ([A-D])")
+_MAG_OPTIONS = re.compile(r"A\. (.+?), B\. (.+?), C\. (.+?), D\. (.+)")
+
+
+def magnifier_letter(prediction: str, instruction: str) -> str:
+    """MagnifierBench's parse, as its authors' evaluation (Otter's `parse_pred_ans`) does it, in
+    order: "The answer is X"; the first of A-D appearing anywhere in the prediction (case
+    sensitive, so "A red sign" reads as A: their rule, kept for comparable numbers); an
+    option's text inside the prediction (options read from "A. x, B. y, C. z, D. w" in the
+    instruction, a trailing . , ? dropped); A-D in the upper-cased prediction; else "other"."""
+    m = _MAG_SAYS.search(prediction)
+    if m:
+        return m.group(1)
+    for letter in "ABCD":
+        if letter in prediction:
+            return letter
+    m = _MAG_OPTIONS.search(instruction)
+    if m:
+        for letter, option in zip("ABCD", m.groups(), strict=True):
+            option = option.strip()
+            option = option[:-1] if option.endswith((".", ",", "?")) else option
+            if option.upper() in prediction.upper():
+                return letter
+    for letter in "ABCD":
+        if letter in prediction.upper():
+            return letter
+    return "other"
+
+
 def yes_no(prediction: str) -> str:
     """POPE's reading (LLaVA's eval_pope): of the first sentence, "no" if a word is no or
     not, else "yes"."""

@@ -3,7 +3,8 @@
 - parquet as the hub's lmms-lab datasets ship them (one file or a folder of shards; images
   as `{"bytes", "path"}` structs), through pyarrow (`pip install "loupe[eval]"`);
 - JSON with image folders: V* Bench (`direct_attributes/`, `relative_position/`: one JSON
-  per image beside it, the correct option first) and MagnifierBench (a JSON list);
+  per image beside it, the correct option first; or lmms-lab/vstar-bench parquet) and
+  MagnifierBench (a JSON list);
 - the LLaVA conversation format (the built-in benchmark).
 
 A row that lacks what the task needs is an error naming the row and the missing fields,
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +26,7 @@ from PIL import Image
 
 from loupe.errors import LoupeError
 from loupe.images import load_image
+from loupe.tasks.metrics import LETTERS
 
 
 @dataclass
@@ -90,8 +94,17 @@ def image_of(value: Any, where: str, root: Path) -> Path | bytes:
 
 # ---- JSON with image folders -----------------------------------------------------------------
 def vstar_items(path: Path) -> list[Item]:
-    """V* Bench: `<category>/<name>.json` ({"question", "options", ...}) beside `<name>.jpg|png`;
-    the first option is the correct one (SEAL's release and evaluation)."""
+    """V* Bench, in either public form.
+
+    - SEAL's folders: `<category>/<name>.json` ({"question", "options", ...}) beside
+      `<name>.jpg|png`, the correct option first. The likelihood protocol does not care about
+      order; for letter generation the options are rotated by a stable hash of the question's
+      id, so "always answer A" scores chance (~1/n), not 100%.
+    - lmms-lab/vstar-bench parquet (what lmms-eval reads): `text` holds the question and
+      "(A) ... (B) ..." options, `label` the letter, `category` the split.
+    """
+    if path.is_file() or any(path.rglob("*.parquet")):
+        return [_vstar_row(where, row, path if path.is_dir() else path.parent) for where, row in parquet_rows(path)]
     items = []
     for category in ("direct_attributes", "relative_position"):
         folder = path / category
@@ -102,12 +115,31 @@ def vstar_items(path: Path) -> list[Item]:
             images = [p for p in meta_file.parent.glob(meta_file.stem + ".*") if p.suffix.lower() != ".json"]
             if not images:
                 raise LoupeError(f"{where}: no image {meta_file.stem}.* beside it")
-            items.append(Item(f"{category}/{meta_file.stem}", images[0], row["question"], ["A"],
-                              [str(o) for o in row["options"]], category))
+            qid = f"{category}/{meta_file.stem}"
+            options = [str(o) for o in row["options"]]
+            shift = zlib.crc32(qid.encode()) % len(options)  # the correct option moves to position `shift`
+            options = options[-shift:] + options[:-shift] if shift else options
+            items.append(Item(qid, images[0], row["question"], [LETTERS[shift]], options, category))
     if not items:
         raise LoupeError(f"{path} holds no V* Bench questions (expected direct_attributes/*.json and "
-                         "relative_position/*.json beside their images)")
+                         "relative_position/*.json beside their images, or lmms-lab/vstar-bench parquet)")
     return items
+
+
+_OPTION = re.compile(r"\(([A-F])\)\s*(.+?)(?=\s*\([A-F]\)|$)", re.S)
+
+
+def _vstar_row(where: str, row: dict[str, Any], root: Path) -> Item:
+    require(row, ["text", "label", "image"], where, "lmms-lab/vstar-bench")
+    text = str(row["text"]).split("\nAnswer with")[0]  # the release may carry the instruction; the task adds it
+    found = _OPTION.findall(text)
+    if len(found) < 2 or [letter for letter, _ in found] != list(LETTERS[:len(found)]):
+        raise LoupeError(f"{where}: its text does not list options as (A) ... (B) ...: {text!r}")
+    label = str(row["label"]).strip().upper()
+    if label not in list(LETTERS[:len(found)]):
+        raise LoupeError(f"{where}: label {row['label']!r} is none of the {len(found)} options' letters")
+    return Item(str(row.get("question_id", where)), image_of(row["image"], where, root), text.split("(A)")[0].strip(),
+                [label], [o.strip() for _, o in found], str(row.get("category") or "all"))
 
 
 def json_list(path: Path, schema: str) -> tuple[Path, list[tuple[str, dict[str, Any]]]]:
