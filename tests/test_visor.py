@@ -334,8 +334,8 @@ def test_cost_of_budgets_and_a_mix() -> None:
     (dict(sa_layers=[-1, 2]), r"sa_layers=\[-1, 2\] names layer\(s\) \[-1\]"),
     (dict(ca_layers=[1], sa_layers=[1, 3]), r"layer\(s\) \[1\] are both CA and SA"),
     (dict(configurations=[[], [2]]), r"configuration \[2\] is not a subset of the selectable SA layers \[1, 3\]"),
-    (dict(ca_layers=3), r"ca_layers=3 must be a list of layer indices"),
-    (dict(configurations=[1, 3]), r"configurations=\[1, 3\] must be a list of lists"),
+    (dict(ca_layers=3), r"ca_layers=3 in visor's options: expected a list of integers or null"),
+    (dict(configurations=[1, 3]), r"configurations=\[1, 3\] in visor's options: expected a list of lists of integers"),
     (dict(configuration="fastest"), r"configuration='fastest'"),
     (dict(configuration=5), r"configuration=5"),
 ])

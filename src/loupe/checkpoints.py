@@ -18,19 +18,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from loupe.config import VLMConfig
-from loupe.errors import CheckpointError, preview
+from loupe.errors import CheckpointError, LoupeError, preview
 from loupe.files import folder_atomic
 from loupe.methods import MethodConfig, method_options, saved_method_options
 from loupe.vlm import VLM
@@ -100,12 +102,7 @@ def safetensors_files(folder: Path) -> list[Path]:
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [folder / n for n in names]
-        missing = [str(f) for f in files if not f.exists()]
-        if missing:
-            raise CheckpointError(f"{index} names shard(s) that are not there: {preview(missing)}")
-        return files
+        return _index_files(folder, index)
     files = sorted(folder.glob("*.safetensors"))
     if files:
         return files
@@ -117,20 +114,64 @@ def safetensors_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"no *.safetensors weights in {folder}")
 
 
+def _index_files(folder: Path, index: Path) -> list[Path]:
+    """The shards an index names: a valid `weight_map` of key -> file, every file inside the folder."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{index} is not a JSON object with a weight_map: {e}") from None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(f"{index}: weight_map must be a non-empty object of key -> shard file name, not "
+                              f"{str(weight_map)[:80]!r}")
+    root = folder.resolve()
+    files = []
+    for name in sorted(set(weight_map.values())):
+        file = (folder / name).resolve()
+        if file.parent != root:  # "../other/model.safetensors", "/abs/path", "sub/dir/x"
+            raise CheckpointError(f"{index} names shard {name!r}, which is not a file of {folder}; an index may "
+                                  "only name files beside it")
+        files.append(folder / name)
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise CheckpointError(f"{index} names shard(s) that are not there: {preview(missing)}")
+    return files
+
+
 def read_config(folder: Path) -> tuple[VLMConfig, MethodConfig | None]:
     """The model config, and the method the checkpoint was converted to (None: base LLaVA)."""
     loupe_file, hf_file = folder / LOUPE_CONFIG, folder / "config.json"
     if loupe_file.exists():
-        d = json.loads(loupe_file.read_text())
-        method = dict(d["method"])
-        return VLMConfig.from_dict(d["model"]), saved_method_options(method.pop("name"), **method)
+        d = _json_object(loupe_file)
+        model, method = d.get("model"), d.get("method")
+        if not isinstance(model, dict) or not isinstance(method, dict) or not isinstance(method.get("name"), str):
+            raise CheckpointError(f"{loupe_file} must hold {{\"model\": {{...}}, \"method\": {{\"name\": ..., ...}}}}; "
+                                  f"it has keys {sorted(d)}")
+        method = dict(method)
+        name = method.pop("name")
+        try:
+            return VLMConfig.from_dict(model), saved_method_options(name, **method)
+        except LoupeError as e:
+            raise type(e)(f"{loupe_file}: {e}") from None
     if not hf_file.exists():
         raise CheckpointError(f"{folder} has no config.json")
     try:
-        cfg = VLMConfig.from_hf(json.loads(hf_file.read_text()))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{hf_file} is not valid JSON: {e}") from None
+        cfg = VLMConfig.from_hf(_json_object(hf_file))
+    except CheckpointError:
+        raise
+    except LoupeError as e:
+        raise type(e)(f"{hf_file}: {e}") from None  # the same class (ConfigError stays one), the file named
     return with_preprocessor(cfg, folder / "preprocessor_config.json"), None
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(d).__name__}")
+    return d
 
 
 def with_preprocessor(cfg: VLMConfig, path: Path) -> VLMConfig:
@@ -146,11 +187,23 @@ def with_preprocessor(cfg: VLMConfig, path: Path) -> VLMConfig:
 
 
 def iter_tensors(files: list[Path], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
-    """(checkpoint key, tensor) pairs, memory-mapped, on `device`."""
+    """(checkpoint key, tensor) pairs, memory-mapped, on `device`. A truncated or corrupt file,
+    or a key two files both hold, is a CheckpointError naming the file (and key)."""
+    seen: dict[str, Path] = {}
     for file in files:
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
+        try:
+            with safe_open(str(file), framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    if key in seen:
+                        raise CheckpointError(f"weight {key!r} is in both {seen[key].name} and {file.name} "
+                                              f"({file.parent}); which one is meant is ambiguous")
+                    seen[key] = file
+                    yield key, f.get_tensor(key)
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors' SafetensorError, or an OSError from the memory map
+            raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?): "
+                                  f"{str(e).splitlines()[0][:200]}") from None
 
 
 def resolve_dtype(stored: torch.dtype, dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -197,9 +250,11 @@ def assemble(cfg: VLMConfig, method: MethodConfig, named: Iterable[tuple[str | N
         model = VLM(cfg, method)
     state: dict[str, torch.Tensor] = {}
     target_dtype = None
+    shapes = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     for name, tensor in named:
         if name is None:
             continue
+        _check_tensor(name, tensor, shapes.get(name), source)
         if target_dtype is None and tensor.is_floating_point():
             target_dtype = resolve_dtype(tensor.dtype, dtype, device)
         state[name] = tensor.to(target_dtype) if tensor.is_floating_point() else tensor
@@ -209,6 +264,28 @@ def assemble(cfg: VLMConfig, method: MethodConfig, named: Iterable[tuple[str | N
     model.load_state_dict(state, strict=False, assign=True)
     _materialise_new(model, device, target_dtype or torch.float32)
     return model.eval()
+
+
+def _check_tensor(name: str, tensor: torch.Tensor, expected: torch.Tensor | None, source: str) -> None:
+    """One stored tensor against the model's: shape, a floating dtype, finite values. The last
+    is streamed, each tensor as it is assigned, through its sum: a NaN or inf anywhere makes
+    the sum non-finite. On a 2-core CPU that costs ~0.4 s per 7B bf16 parameters, where
+    `isfinite().all()` costs ~24 s (benchmarks/load_checks.py). Only a non-finite sum pays for
+    the exact count, and a finite tensor whose sum overflows is let through."""
+    if expected is None:
+        return  # an unexpected key: `_check_keys` names all of them at once
+    if tuple(tensor.shape) != tuple(expected.shape):
+        raise CheckpointError(f"{source}: weight {loupe_to_hf(name)} has shape {tuple(tensor.shape)}, but the "
+                              f"config makes it {tuple(expected.shape)}")
+    if expected.is_floating_point() and not tensor.is_floating_point():
+        raise CheckpointError(f"{source}: weight {loupe_to_hf(name)} is stored as {tensor.dtype}, not a floating "
+                              "type")
+    if tensor.is_floating_point() and not math.isfinite(float(tensor.sum())):
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad == 0:
+            return  # finite values whose sum overflows
+        raise CheckpointError(f"{source}: weight {loupe_to_hf(name)} holds {bad} non-finite value(s) (NaN or "
+                              "inf): the checkpoint is corrupt or was saved from a diverged run")
 
 
 def _wanted_method(method: str | None, stored: MethodConfig | None, options: dict[str, object]) -> MethodConfig:

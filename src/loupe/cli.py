@@ -20,6 +20,7 @@ from loupe.files import write_json
 from loupe.flops import Workload
 from loupe.generation import SamplingConfig, answer, stream_printer
 from loupe.methods import METHODS, MethodReport, RunOptions, parse_method
+from loupe.methods.base import check_shared_options
 from loupe.text import Tokenizer
 from loupe.vlm import VLM
 
@@ -288,6 +289,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     options = parse_options(args.option)
     # Random weights make the threshold rule's selected fraction meaningless: methods that
     # select do so with a fixed budget of blocks equal to --selected-ratio.
+    check_shared_options(args.methods, options)
     methods = [parse_method(spec, args.hr_size, **{"budget": args.selected_ratio, **options})
                for spec in args.methods]
     cfg = BenchConfig(methods, layers=args.layers or None, vision_layers=args.vision_layers or None,

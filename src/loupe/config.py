@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loupe.errors import ConfigError
+from loupe.schema import above, at_least, build, check
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -26,18 +27,19 @@ class VisionConfig:
     """A ViT encoder. CLIP: class token, pre-layernorm, bias-free patch embedding, quick-GELU.
     SigLIP (OneVision): no class token, no pre-layernorm, patch embedding with bias, GELU-tanh."""
 
-    hidden_size: int = 1024
-    intermediate_size: int = 4096
-    num_layers: int = 24
-    num_heads: int = 16
-    image_size: int = 336
-    patch_size: int = 14
-    num_channels: int = 3
-    layer_norm_eps: float = 1e-5
+    hidden_size: int = field(default=1024, metadata=at_least(1))
+    intermediate_size: int = field(default=4096, metadata=at_least(1))
+    num_layers: int = field(default=24, metadata=at_least(1))
+    num_heads: int = field(default=16, metadata=at_least(1))
+    image_size: int = field(default=336, metadata=at_least(1))
+    patch_size: int = field(default=14, metadata=at_least(1))
+    num_channels: int = field(default=3, metadata=at_least(1))
+    layer_norm_eps: float = field(default=1e-5, metadata=above(0))
     hidden_act: str = "quick_gelu"
     class_token: bool = True  # CLIP's; SigLIP has none
 
     def __post_init__(self) -> None:
+        check(self, prefix="vision_config.")
         _require(self.hidden_act in VISION_ACTS, "vision_config.hidden_act", self.hidden_act, ", ".join(VISION_ACTS))
         # image_size need not be a multiple of the patch: the patch convolution reads floor(S / patch)
         # patches per side (SigLIP-so400m: 384 px at 14 px patches -> 27, the last 6 px unread).
@@ -61,16 +63,16 @@ class TextConfig:
     """A LLaMA-style decoder: RMSNorm, rotate-half RoPE, SwiGLU, grouped-query attention;
     Qwen2 is the same with `qkv_bias` (and, for the small models, tied embeddings)."""
 
-    vocab_size: int = 32064
-    hidden_size: int = 4096
-    intermediate_size: int = 11008
-    num_layers: int = 32
-    num_heads: int = 32
-    num_kv_heads: int = 32
-    head_dim: int = 0  # 0: hidden_size // num_heads (filled in __post_init__)
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-5
-    max_position_embeddings: int = 4096
+    vocab_size: int = field(default=32064, metadata=at_least(1))
+    hidden_size: int = field(default=4096, metadata=at_least(1))
+    intermediate_size: int = field(default=11008, metadata=at_least(1))
+    num_layers: int = field(default=32, metadata=at_least(1))
+    num_heads: int = field(default=32, metadata=at_least(1))
+    num_kv_heads: int = field(default=32, metadata=at_least(1))
+    head_dim: int = field(default=0, metadata=at_least(0))  # 0: hidden_size // num_heads (filled in __post_init__)
+    rope_theta: float = field(default=10000.0, metadata=above(0))
+    rms_norm_eps: float = field(default=1e-5, metadata=above(0))
+    max_position_embeddings: int = field(default=4096, metadata=at_least(1))
     attention_bias: bool = False  # bias on q, k, v and o (LLaMA's `attention_bias`)
     qkv_bias: bool = False  # bias on q, k, v only (Qwen2)
     mlp_bias: bool = False
@@ -80,6 +82,7 @@ class TextConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        check(self, prefix="text_config.")
         if self.head_dim == 0:
             self.head_dim = self.hidden_size // self.num_heads
         _require(self.num_heads % self.num_kv_heads == 0, "text_config.num_key_value_heads", self.num_kv_heads,
@@ -122,10 +125,14 @@ class VLMConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.vision, dict):
-            self.vision = VisionConfig(**self.vision)
+            self.vision = build(VisionConfig, self.vision, "vision")
         if isinstance(self.text, dict):
-            self.text = TextConfig(**self.text)
-        self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
+            self.text = build(TextConfig, self.text, "text")
+        if isinstance(self.image_mean, list):
+            self.image_mean = tuple(self.image_mean)
+        if isinstance(self.image_std, list):
+            self.image_std = tuple(self.image_std)
+        check(self)
         for name, values in (("image_mean", self.image_mean), ("image_std", self.image_std)):
             _require(len(values) == self.vision.num_channels and all(v > 0 or name == "image_mean" for v in values),
                      name, list(values), f"{self.vision.num_channels} values (std positive)")
@@ -173,7 +180,7 @@ class VLMConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VLMConfig:
-        return cls(**d)
+        return build(cls, d, "model")
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> VLMConfig:
@@ -188,10 +195,10 @@ class VLMConfig:
         return cls(
             vision=vision,
             text=_text_from_hf(d.get("text_config") or {}),
-            image_token_id=int(d.get("image_token_index", d.get("image_token_id", 32000))),
+            image_token_id=d.get("image_token_index", d.get("image_token_id", 32000)),
             feature_layer=d.get("vision_feature_layer", -2),
             feature_strategy=d.get("vision_feature_select_strategy", "default"),
-            projector_bias=bool(d.get("multimodal_projector_bias", True)),
+            projector_bias=d.get("multimodal_projector_bias", True),
             projector_act=d.get("projector_hidden_act", "gelu"),
             vision_tower=_tower_name(vision),
         )
@@ -203,14 +210,16 @@ class VLMConfig:
         ties when either does, and so does Loupe."""
         vision = _vision_from_hf(d.get("vision_config") or {"model_type": "siglip_vision_model"})
         text = _text_from_hf(d.get("text_config") or {"model_type": "qwen2"})
-        text.tie_word_embeddings = text.tie_word_embeddings or bool(d.get("tie_word_embeddings", False))
+        tied = d.get("tie_word_embeddings", False)
+        _require(isinstance(tied, bool), "tie_word_embeddings", tied, "true or false")
+        text.tie_word_embeddings = text.tie_word_embeddings or tied
         pins = d.get("image_grid_pinpoints")
         return cls(
             vision=vision, text=text,
-            image_token_id=int(d.get("image_token_index", d.get("image_token_id", 151646))),
+            image_token_id=d.get("image_token_index", d.get("image_token_id", 151646)),
             feature_layer=d.get("vision_feature_layer", -1),
             feature_strategy=d.get("vision_feature_select_strategy", "full"),
-            projector_bias=bool(d.get("multimodal_projector_bias", True)),
+            projector_bias=d.get("multimodal_projector_bias", True),
             projector_act=d.get("projector_hidden_act", "gelu"),
             vision_tower=_tower_name(vision),
             image_packing="anyres", chat_template="chatml",
@@ -318,22 +327,22 @@ def _text_from_hf(t: dict[str, Any]) -> TextConfig:
                  t.get("use_sliding_window"), "false (full attention in every layer)")
     _require(t.get("hidden_act", "silu") == "silu", "text_config.hidden_act", t.get("hidden_act"), "silu")
     _require(t.get("pretraining_tp", 1) == 1, "text_config.pretraining_tp", t.get("pretraining_tp"), "1")
-    hidden, heads = t.get("hidden_size", 4096), t.get("num_attention_heads", 32)
+    heads = t.get("num_attention_heads", 32)
     return TextConfig(
         vocab_size=t.get("vocab_size", 32064),
-        hidden_size=hidden,
+        hidden_size=t.get("hidden_size", 4096),
         intermediate_size=t.get("intermediate_size", 11008),
         num_layers=t.get("num_hidden_layers", 32),
         num_heads=heads,
         num_kv_heads=t.get("num_key_value_heads") or heads,
-        head_dim=t.get("head_dim") or hidden // heads,
+        head_dim=t.get("head_dim") or 0,  # 0: hidden_size // num_heads
         rope_theta=_rope_theta(t),
         rms_norm_eps=t.get("rms_norm_eps", 1e-5),
         max_position_embeddings=t.get("max_position_embeddings", 4096),
-        attention_bias=bool(t.get("attention_bias", False)),
+        attention_bias=t.get("attention_bias", False),
         qkv_bias=model_type == "qwen2",
-        mlp_bias=bool(t.get("mlp_bias", False)),
-        tie_word_embeddings=bool(t.get("tie_word_embeddings", False)),
+        mlp_bias=t.get("mlp_bias", False),
+        tie_word_embeddings=t.get("tie_word_embeddings", False),
         bos_token_id=t.get("bos_token_id", 1),
         eos_token_id=t.get("eos_token_id", 2),
         pad_token_id=t.get("pad_token_id"),
@@ -347,4 +356,5 @@ def _rope_theta(t: dict[str, Any]) -> float:
     for source in (params, scaling):
         rope_type = source.get("rope_type") or source.get("type") or "default"
         _require(rope_type == "default", "text_config.rope_type", rope_type, "default (unscaled) RoPE")
-    return float(params.get("rope_theta", t.get("rope_theta", 10000.0)))
+    theta = params.get("rope_theta", t.get("rope_theta", 10000.0))
+    return float(theta) if isinstance(theta, int) and not isinstance(theta, bool) else theta  # else: check() names it

@@ -45,7 +45,7 @@ from loupe.config import SIGLIP_MEAN, SIGLIP_STD, TextConfig, VisionConfig, VLMC
 from loupe.errors import LoupeError
 from loupe.flops import CostPlan, Workload, decoder_layer, image_token_macs, lm_head, projector, vision_pass
 from loupe.methods import MethodConfig, MethodReport, method_label, parse_method
-from loupe.methods.base import model_method_class
+from loupe.methods.base import check_shared_options, model_method_class
 from loupe.tiny import synth_tiny_config, tiny_config, tiny_onevision_config
 
 # The token-reduction papers' MAC conventions: PyramidDrop's and SparseVLM's counts the image
@@ -387,6 +387,7 @@ def flops_report(preset_name: str | None, model_dir: str | None, specs: list[str
     shapes, stored, source = model_shapes(preset_name, model_dir)
     options = options or {}
     specs = specs or [stored.name if stored else "lowres"]
+    check_shared_options(list(specs), options)
     methods = [stored if stored and spec == stored.name and not options and hr_size is None else
                parse_method(spec, hr_size, **options) for spec in specs]
     if workload.mix is None:

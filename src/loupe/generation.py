@@ -16,19 +16,21 @@ from loupe.chat import template_for
 from loupe.errors import LoupeError
 from loupe.images import load_image
 from loupe.methods import ImageInputs, MethodReport, RunOptions
+from loupe.schema import at_least, check
 from loupe.text import Tokenizer
 from loupe.vlm import VLM
 
 
 @dataclass
 class SamplingConfig:
-    max_new_tokens: int = 32
-    temperature: float = 0.0  # 0: greedy
+    max_new_tokens: int = field(default=32, metadata=at_least(1))
+    temperature: float = field(default=0.0, metadata=at_least(0))  # 0: greedy
     top_p: float = 1.0
     stop_tokens: list[int] = field(default_factory=list)
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        check(self, "sampling")  # types, finiteness (NaN temperature), ranges
         if self.max_new_tokens < 1:
             raise LoupeError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
         if self.temperature < 0:
@@ -81,6 +83,8 @@ def generate(
     if t + cfg.max_new_tokens > limit:
         raise LoupeError(f"prompt of {t} tokens + {cfg.max_new_tokens} new tokens exceeds the model's "
                          f"maximum of {limit} positions")
+    if attention_mask is not None:
+        check_left_padded(attention_mask)
     gen = torch.Generator(device=model.device).manual_seed(cfg.seed) if cfg.seed is not None else None
     stops = torch.tensor(cfg.stop_tokens or [-1], device=model.device)
     cache = model.new_cache(b, t + cfg.max_new_tokens)
@@ -92,6 +96,7 @@ def generate(
                     images=images, run=run)
     if on_report is not None:
         on_report(prefill.report)
+    check_finite_logits(prefill.logits[:, -1])
     logits = never_image(prefill.logits[:, -1], model.cfg.image_token_id)  # (B, V)
     done = torch.zeros(b, dtype=torch.bool, device=model.device)
     out: list[torch.Tensor] = []
@@ -107,6 +112,30 @@ def generate(
         logits = model(tok[:, None], cache=cache, last_only=True, run=run).logits[:, -1]  # (B, V)
         logits = never_image(logits, model.cfg.image_token_id)
     return torch.stack(out, dim=1)
+
+
+def check_left_padded(attention_mask: torch.Tensor) -> None:
+    """Generation continues every row from its last position: a mask (B, T) must end each row
+    with a real token (left padding, `Tokenizer.pad_left`) and hold at least one."""
+    last = attention_mask[:, -1] != 0  # (B,)
+    if not bool(last.all()):
+        rows = (~last).nonzero()[:, 0].tolist()
+        empty = [r for r in rows if not bool(attention_mask[r].any())]
+        what = f"row(s) {empty[:8]} mask every position" if empty else \
+            f"row(s) {rows[:8]} end in padding (right-padded)"
+        raise LoupeError(f"attention_mask: {what}; generation needs left-padded prompts of at least one token "
+                         "(Tokenizer.pad_left)")
+
+
+def check_finite_logits(logits: torch.Tensor) -> None:
+    """Refuse to decode from non-finite prefill logits (B, V): one host sync per request, not per
+    token. Loading refuses non-finite weights, so what is left is the config or the inputs."""
+    finite = torch.isfinite(logits).all(-1)  # (B,)
+    if not bool(finite.all()):
+        rows = (~finite).nonzero()[:, 0].tolist()
+        raise LoupeError(f"the model's logits are NaN or infinite for prompt row(s) {rows[:8]}: likely causes are a "
+                         "config value the weights were not trained with (rms_norm_eps, rope_theta, layer sizes), "
+                         "fp16 overflow (use bfloat16), or a prompt row with no unmasked token")
 
 
 def never_image(logits: torch.Tensor, image_token_id: int) -> torch.Tensor:

@@ -45,6 +45,7 @@ from loupe.flops import CostPlan, Workload
 from loupe.nn.decoder import AttnContext
 from loupe.nn.kv_cache import DecoderCache, LayerCache
 from loupe.nn.tokens import TokenSet
+from loupe.schema import check
 
 if TYPE_CHECKING:
     from loupe.vlm import VLM
@@ -60,6 +61,9 @@ class MethodConfig:
     # Values for fields a checkpoint's saved options lack (it was written before they existed)
     # where the behaviour it was trained with differs from the field's default.
     saved_defaults: ClassVar[dict[str, object]] = {}
+
+    def __post_init__(self) -> None:
+        check(self, f"{self.name}'s options")  # declared types and ranges (`loupe.schema`)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, **dataclasses.asdict(self)}
@@ -330,7 +334,7 @@ def method_options(name: str, **options: Any) -> MethodConfig:
     return cls.config_class(**options)
 
 
-def parse_method(spec: str, hr_size: int | None = None, **options: Any) -> MethodConfig:
+def parse_method(spec: str, hr_size: int | None = None, /, **options: Any) -> MethodConfig:
     """'flexattn@1008' or 'visor@1008,configuration=min' -> the method's options (hr_size
     from '@', else `hr_size` if the method has one). `options` apply where the method has
     such a field; the spec's own KEY=VALUE pairs (values read as JSON) apply to it alone."""
@@ -354,9 +358,19 @@ def parse_method(spec: str, hr_size: int | None = None, **options: Any) -> Metho
             chosen["hr_size"] = int(size)
         except ValueError:
             raise LoupeError(f"HR size {size!r} in {spec!r} is not an integer") from None
-    elif hr_size is not None and "hr_size" in fields:
+    elif hr_size is not None and "hr_size" in fields and "hr_size" not in chosen:
         chosen["hr_size"] = hr_size
     return method_options(name, **chosen)
+
+
+def check_shared_options(specs: list[str], options: dict[str, Any]) -> None:
+    """Options given once for several methods (`-o` with `--compare`) must each be an option
+    of at least one of them: a typo would otherwise change nothing, silently."""
+    names = [spec.split(",")[0].partition("@")[0] for spec in specs]
+    taken = {f.name for n in names for f in dataclasses.fields(_method_class(n).config_class)}
+    unused = sorted(set(options) - taken)
+    if unused:
+        raise ConfigError(f"option(s) {unused} belong to none of the methods {names}; they take {sorted(taken)}")
 
 
 def method_label(options: MethodConfig, cfg: VLMConfig) -> str:

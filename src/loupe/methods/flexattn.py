@@ -62,7 +62,7 @@ class FlexAttnConfig(TiledConfig):
     name: ClassVar[str] = "flexattn"
     first_layer: int = 0  # 0: the same fraction of depth as layer 9 of 32
     threshold: float = 48.0  # binarisation threshold on the 0..255 scale
-    pool: int = 9  # coarse grid side; one cell = one block of HR tokens
+    pool: int = 0  # coarse grid side, one cell = one block of HR tokens; 0: 9 (the paper's), or the grid where smaller
     strategy: str = "attnmap"  # attnmap | random | center | oracle (needs the tag boxes: FlexRun)
     budget: float | None = None  # keep the top fraction of blocks instead of thresholding
     ablation_ratio: float = 0.1  # block fraction of the random / center strategies
@@ -96,8 +96,9 @@ class FlexAttnConfig(TiledConfig):
             raise ConfigError(f"budget={self.budget} must be in (0, 1]")
         if not 0 < self.ablation_ratio <= 1:
             raise ConfigError(f"ablation_ratio={self.ablation_ratio} must be in (0, 1]")
-        if not 1 <= self.pool <= min(cfg.vision.grid, hr_grid):
-            raise ConfigError(f"pool={self.pool} must be in 1..{min(cfg.vision.grid, hr_grid)}")
+        if not 0 <= self.pool <= min(cfg.vision.grid, hr_grid):
+            raise ConfigError(f"pool={self.pool} must be in 1..{min(cfg.vision.grid, hr_grid)} (0: the default, 9 or "
+                              "the grid where smaller)")
         if self.strategy not in selection.STRATEGIES:
             raise ConfigError(f"strategy={self.strategy!r}; choose one of {list(selection.STRATEGIES)}")
         if self.source not in ("official", "paper"):
@@ -328,10 +329,11 @@ class FlexAttention(HighResMethod):
         if boxes is not None:  # the oracle: every row of a sample selects its tag's blocks
             strategy, ratio = "oracle", boxes[1]
             row_boxes = boxes[0][:, None].expand(b, r, 4).reshape(b * r, 4)
-        blocks = selection.select_blocks(attn_lr.reshape(b * r, g, g), allowed, pool=o.pool, threshold=o.threshold,
+        pool = o.pool or min(9, g, self.hr_grid)
+        blocks = selection.select_blocks(attn_lr.reshape(b * r, g, g), allowed, pool=pool, threshold=o.threshold,
                                          strategy=strategy,  # type: ignore[arg-type]
                                          budget=o.budget, ablation_ratio=ratio, boxes=row_boxes)  # (B*R, P, P)
-        return self._spread(blocks.view(b, r, o.pool, o.pool), req) & row_valid[..., None]  # (B, R, M)
+        return self._spread(blocks.view(b, r, pool, pool), req) & row_valid[..., None]  # (B, R, M)
 
     def _spread(self, blocks: torch.Tensor, req: FlexState) -> torch.Tensor:
         """Blocks (B, R, P, P) -> the HR tokens they hold (B, R, M): nearest over the square HR grid."""

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 def check_hr_size(cfg: VLMConfig, hr_size: int, *, tiled: bool) -> None:
     native, patch = cfg.vision.image_size, cfg.vision.patch_size
+    if hr_size <= native:  # a high-resolution view no finer than the low-resolution one adds nothing
+        raise ConfigError(f"hr_size={hr_size} must be larger than the encoder's native size {native} "
+                          f"(e.g. {2 * native})")
     if tiled and (hr_size < native or hr_size % native):
         raise ConfigError(f"hr_size={hr_size} must be a multiple of the encoder's native size {native} "
                           f"(e.g. {2 * native}, {3 * native}, {4 * native})")
