@@ -209,3 +209,142 @@ def test_fuzzed_config_values_give_an_error_or_a_working_model(pristine: Path, t
         outcomes["ok"] += 1
     print(outcomes)
     assert outcomes["error"] > 10 and outcomes["ok"] > 0  # the fuzzing reached the validation, and past it
+
+
+# ---- images ----------------------------------------------------------------------------------
+def test_images_of_every_mode_convert_as_they_should(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+    from transformers.image_utils import load_image as hf_load_image
+
+    from loupe.images import load_image
+
+    rgba = Image.new("RGBA", (8, 6), (200, 100, 50, 128))
+    for im in (rgba, rgba.convert("CMYK"), rgba.convert("P"), rgba.convert("LA"), Image.new("1", (5, 5), 1)):
+        im.save(tmp_path / f"x.{im.mode}.{'tiff' if im.mode == 'CMYK' else 'png'}")
+    for path in sorted(tmp_path.glob("x.*")):  # transformers' own behaviour for 8-bit modes
+        assert np.array_equal(np.asarray(load_image(path)), np.asarray(hf_load_image(str(path)).convert("RGB"))), path
+    # EXIF orientation 6 (turn 90 degrees clockwise), applied as transformers' load_image applies it
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (40, 20), "red").save(tmp_path / "rot.jpg", exif=exif)
+    ours = load_image(tmp_path / "rot.jpg")
+    assert ours.size == (20, 40) == hf_load_image(str(tmp_path / "rot.jpg")).size
+    # 16-bit grey: rescaled, not clipped to white
+    ramp = np.linspace(0, 65535, 64, dtype=np.uint16).reshape(8, 8)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    got = np.asarray(load_image(tmp_path / "g16.png"))[..., 0].astype(int)
+    assert abs(got - np.round(ramp / 257)).max() <= 1 and got.max() == 255 and got.min() == 0
+    # 0..1 floats (TIFF): scaled by 255, not black
+    Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)).save(tmp_path / "f.tiff")
+    assert np.asarray(load_image(tmp_path / "f.tiff")).mean() == pytest.approx(127.5, abs=1)
+
+
+def test_bad_images_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    import loupe.images as I
+
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    with pytest.raises(LoupeError, match=r"cannot read image .*junk.png"):
+        I.load_image(tmp_path / "junk.png")
+    Image.new("RGB", (300, 200)).save(tmp_path / "big.png")
+    monkeypatch.setattr(I, "MAX_PIXELS", 10_000)  # the check reads the header: no need for a 20000^2 file
+    with pytest.raises(LoupeError, match=r"big.png is 300x200 = 0M pixels, above Loupe's limit"):
+        I.load_image(tmp_path / "big.png")
+
+
+# ---- runs and files --------------------------------------------------------------------------
+def test_convert_onto_itself_keeps_the_tokenizer(pristine: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(pristine, folder)
+    assert main(["convert", str(folder), str(folder), "--method", "hd", "-o", "hr_size=112", "--overwrite"]) == 0
+    assert (folder / "tokenizer.json").read_bytes() == (pristine / "tokenizer.json").read_bytes()
+    assert json.loads((folder / "loupe.json").read_text())["method"]["name"] == "hd"
+    assert not list(tmp_path.glob(".m.*"))  # no temporary folder left behind
+
+
+def test_a_failed_replacement_leaves_the_old_checkpoint(pristine: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import errno
+
+    import loupe.checkpoints as C
+
+    folder = tmp_path / "m"
+    shutil.copytree(pristine, folder)
+    before = sorted(p.name for p in folder.iterdir())
+
+    def full_disk(*a, **k):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(C, "save_file", full_disk)
+    assert main(["convert", str(pristine), str(folder), "--method", "hd", "-o", "hr_size=112", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "No space left on device" in err and "untouched" in err, err
+    assert sorted(p.name for p in folder.iterdir()) == before  # the old one, whole
+    assert not list(tmp_path.glob(".m.*"))
+
+
+def test_swapping_a_folder_never_leaves_neither(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    import loupe.files as F
+
+    old, new = tmp_path / "out", tmp_path / "new"
+    old.mkdir(), new.mkdir()
+    (old / "a").write_text("old"), (new / "a").write_text("new")
+    real = os.replace
+
+    def fails_on_the_new(src, dst):  # type: ignore[no-untyped-def]
+        if Path(src) == new:
+            raise OSError(5, "I/O error")
+        return real(src, dst)
+
+    monkeypatch.setattr(F.os, "replace", fails_on_the_new)
+    with pytest.raises(OSError):
+        F.swap_in(new, old)
+    assert (old / "a").read_text() == "old"  # put back
+    monkeypatch.setattr(F.os, "replace", real)
+    F.swap_in(new, old)
+    assert (old / "a").read_text() == "new" and not list(tmp_path.glob(".out.*"))
+
+
+def test_stale_temporary_folders_are_cleaned(pristine: Path, tmp_path: Path) -> None:
+    import os
+    import time
+
+    stale, live = tmp_path / ".m.abc123", tmp_path / ".m.def456"
+    stale.mkdir(), live.mkdir()
+    os.utime(stale, (time.time() - 3 * 24 * 3600,) * 2)
+    from loupe.files import folder_atomic
+
+    with folder_atomic(tmp_path / "m") as tmp:
+        (tmp / "x").write_text("1")
+    assert not stale.exists() and live.exists()  # a younger one may be another writer's
+
+
+def test_output_paths_are_checked_before_the_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "res").mkdir()
+    assert main(["bench", "--preset", "tiny", "--methods", "lowres", "--out", str(tmp_path / "res")]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert main(["data", "synth", "--out", str(tmp_path / "s"), "--native", "4096"]) == 2
+    assert "--native 4096 must be a multiple of 8 in 16..512" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_is_silent(pristine: Path) -> None:
+    import subprocess
+    import sys
+
+    cmd = f"{sys.executable} -m loupe info --model {pristine} | head -c 1"
+    proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+def test_non_finite_training_settings_are_refused() -> None:
+    from loupe.train import TrainConfig
+
+    for bad, match in ((dict(lr=math.inf), r"lr=inf in the training config: expected a finite number"),
+                       (dict(grad_clip=math.nan), r"grad_clip=nan"), (dict(steps="10"), r"steps='10'")):
+        with pytest.raises(LoupeError, match=match):
+            TrainConfig(**bad)  # type: ignore[arg-type]

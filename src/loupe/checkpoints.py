@@ -65,6 +65,9 @@ PREFIXES: list[tuple[str, str]] = [
 
 LOUPE_CONFIG = "loupe.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# What a model folder carries besides weights and config, copied along by `loupe convert`.
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+              "preprocessor_config.json", "generation_config.json", "chat_template.json", "added_tokens.json")
 
 
 def to_published(key: str) -> str:
@@ -393,10 +396,9 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], method: st
         model = from_flexattention_release(src, clip, dtype=dtype, **options)
     else:
         model = from_pretrained(src, method, dtype=dtype, **options)
-    save_pretrained(model, dst, overwrite=overwrite)
-    tokenizer = Path(src) / "tokenizer.json"
-    if tokenizer.is_file():
-        (Path(dst) / "tokenizer.json").write_bytes(tokenizer.read_bytes())
+    # the side files go into the new folder before it replaces the old (dst may be src itself)
+    side = [Path(src) / n for n in SIDE_FILES if (Path(src) / n).is_file()]
+    save_pretrained(model, dst, overwrite=overwrite, files=side)
     return model
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import tempfile
 import time
@@ -16,7 +17,7 @@ import torch
 from loupe.checkpoints import convert, from_pretrained, model_info
 from loupe.cost import CONVENTIONS, PRESETS, preset
 from loupe.errors import Interrupted, LoupeError
-from loupe.files import write_json
+from loupe.files import check_writable, write_json
 from loupe.flops import Workload
 from loupe.generation import SamplingConfig, answer, stream_printer
 from loupe.methods import METHODS, MethodReport, RunOptions, parse_method
@@ -43,6 +44,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except LoupeError as e:
         print(f"loupe: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `loupe info | head -1`: the reader left; say nothing
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return 141
+    except OSError as e:  # the machine's, not Loupe's: a full disk, a permission, a vanished file
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"loupe: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
 
 
@@ -285,6 +293,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from loupe.bench import BenchConfig, benchmark, table
+
+    check_writable(args.out, "--out")  # before the measurement, not after it
 
     options = parse_options(args.option)
     # Random weights make the threshold rule's selected fraction meaningless: methods that
@@ -538,6 +548,8 @@ def _add_router(sub: argparse._SubParsersAction) -> None:
 def cmd_router_labels(args: argparse.Namespace) -> int:
     from loupe.visor_train import router_data, write_router_labels
 
+    check_writable(args.out, "--out")
+
     rd = router_data(args.model, args.data, args.device)
     table = write_router_labels(rd, args.out, args.score, solved_only=not args.all_samples, overwrite=args.overwrite)
     used = [s for s in table["samples"] if s["used"]]
@@ -557,6 +569,9 @@ def cmd_router_train(args: argparse.Namespace) -> int:
         given["all_samples"] = True
     r = with_overrides({"epochs": 300, "seed": 0, "score": args.score, **recipe, **given}, args.overrides, "router")
     name = f"recipe {args.recipe}" if args.recipe else "this command"
+    for key in ("epochs", "seed"):
+        if not isinstance(r[key], int) or isinstance(r[key], bool) or r[key] < (1 if key == "epochs" else 0):
+            raise LoupeError(f"{key}={r[key]!r} must be an integer of at least {1 if key == 'epochs' else 0}")
     report = train_router_from(router_data(required(r, "model", name), required(r, "data", name), args.device),
                                args.out, args.labels, int(r["epochs"]), int(r["seed"]), str(r["score"]),
                                solved_only=not r.get("all_samples", False), overwrite=args.overwrite)

@@ -7,13 +7,15 @@ rescale to [0, 1], normalise with the CLIP mean/std. Output (3, S, S) float32.
 
 from __future__ import annotations
 
+import io
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from loupe.config import CLIP_MEAN, CLIP_STD
 from loupe.errors import LoupeError
@@ -78,14 +80,44 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def load_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Open an image file, with an error that names the path when it cannot be read."""
-    p = Path(path)
-    if not p.is_file():
-        raise LoupeError(f"image file not found: {p}")
+MAX_PIXELS = 16384 * 16384  # 268M pixels (~0.8 GB as RGB); above it an image is refused before it is decoded
+
+
+def load_image(source: str | os.PathLike[str] | bytes, name: str | None = None) -> Image.Image:
+    """An image file (or its encoded bytes) as an RGB image, with an error that names it when
+    it cannot be read, is empty, or is larger than `MAX_PIXELS`. `to_rgb` does the conversion."""
+    label = name or (f"{len(source)} bytes of image data" if isinstance(source, bytes) else str(source))
+    if not isinstance(source, bytes) and not Path(source).is_file():
+        raise LoupeError(f"image file not found: {source}")
     try:
-        with Image.open(p) as im:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else Path(source)) as im:
+            w, h = im.size
+            if w * h == 0:
+                raise LoupeError(f"image {label} is empty ({w}x{h} pixels)")
+            if w * h > MAX_PIXELS:
+                raise LoupeError(f"image {label} is {w}x{h} = {w * h / 1e6:.0f}M pixels, above Loupe's limit of "
+                                 f"{MAX_PIXELS / 1e6:.0f}M (loupe.images.MAX_PIXELS); downscale it first")
             im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise LoupeError(f"cannot read image {p}: {e}") from None
+            return to_rgb(im)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as e:
+        raise LoupeError(f"cannot read image {label}: {e}") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An image of any PIL mode as 8-bit RGB, oriented as its EXIF tag says (as transformers'
+    `load_image` does). 8-bit modes (RGBA, LA, P, CMYK, YCbCr, 1, L) convert as
+    transformers' `convert_rgb` does (PIL's `convert("RGB")`: alpha dropped). Modes that
+    PIL would clip are rescaled instead: 16-bit integer (I;16*, and I holding values above
+    255) by 1/257, 0..1 floats (F) by 255."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16"):
+        image = image.convert("I").point(lambda v: v * (1 / 257)).convert("L")
+    elif image.mode == "I":
+        high = image.getextrema()[1]
+        image = image.point(lambda v: v * (1 / 257 if high > 255 else 1)).convert("L")
+    elif image.mode == "F":
+        low, high = image.getextrema()
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise LoupeError(f"a float image holds non-finite pixels (extrema {low}, {high})")
+        image = image.point(lambda v: v * (255 if high <= 1 else 1)).convert("L")
+    return image if image.mode == "RGB" else image.convert("RGB")

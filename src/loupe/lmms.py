@@ -37,6 +37,7 @@ from loupe.chat import template_for
 from loupe.checkpoints import from_pretrained
 from loupe.errors import LoupeError
 from loupe.generation import SamplingConfig, generate
+from loupe.images import to_rgb
 from loupe.text import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -64,7 +65,7 @@ class LoupeLMM(lmms):
         if len(visuals) > 1:
             raise LoupeError(f"document {doc_id} of {task}/{split} has {len(visuals)} images; Loupe's models take one "
                              "image per conversation")
-        return visuals[0].convert("RGB") if visuals else None
+        return to_rgb(visuals[0]) if visuals else None
 
     def _inputs(self, pictures: list[Image.Image | None]) -> tuple[Any, list[int]]:
         """Prepared images of the pictures that exist, and each request's <image> count (0 without one)."""

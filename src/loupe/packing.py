@@ -103,7 +103,9 @@ class AnyResPacking(Splice):
         try:
             with Image.open(path) as im:
                 width, height = im.size
-        except (OSError, ValueError) as e:
+                if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF rotation by 90 degrees: `to_rgb` turns it
+                    width, height = height, width
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise LoupeError(f"cannot read image {path}: {e}") from None
         return method.tokens_for(height, width)
 

@@ -59,6 +59,7 @@ from loupe.runs import (
     side_files,
     write_spec,
 )
+from loupe.schema import check
 from loupe.text import Tokenizer
 from loupe.vlm import VLM
 
@@ -92,6 +93,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.train, str | list):
             self.train = tuple([self.train] if isinstance(self.train, str) else self.train)
+        check(self, "the training config")  # declared types; NaN and inf refused (lr=inf, grad_clip=nan)
         self.betas = (float(self.betas[0]), float(self.betas[1]))
         for name in ("steps", "batch_size", "log_every"):
             if getattr(self, name) < 1:
@@ -324,11 +326,14 @@ class Trainer:
             raise LoupeError(f"the loss became {loss} at step {step}; nothing was saved after the last checkpoint - "
                              f"lower the learning rate (now {cfg.lr})")
         norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        norm_value = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # the same on every rank
+        if not math.isfinite(norm_value):  # before the update: the weights stay those of the last good step
+            raise LoupeError(f"the gradient norm became {norm_value} at step {step} (loss {loss:.4g}); the weights "
+                             f"were not updated - lower the learning rate (now {cfg.lr}) or use bf16, not fp16")
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        norm_value = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        return {"loss": loss, "grad_norm": float(norm_value), "tokens": seen_all, "label": draw.label}
+        return {"loss": loss, "grad_norm": norm_value, "tokens": seen_all, "label": draw.label}
 
 
 def build_trainer(model: VLM, cfg: TrainConfig, world: World, device: str | None = None) -> Trainer:

@@ -449,6 +449,9 @@ def _crop_rows(rng: random.Random, image: Image.Image, scene: Scene, cfg: SynthC
     return rows
 
 
+MAX_NATIVE = 512
+
+
 def synth_dataset(out: str | Path, n: int, seed: int = 0, native: int = 64, overwrite: bool = False,
                   progress: bool = True) -> dict[str, int]:
     """`loupe data synth`: the benchmark for a model of native side `native` in `out`;
@@ -456,7 +459,7 @@ def synth_dataset(out: str | Path, n: int, seed: int = 0, native: int = 64, over
     out = Path(out)
     if (out / "train.json").exists() and not overwrite:
         raise LoupeError(f"{out} already holds a dataset; pass --overwrite to replace it")
-    if native < 16 or native % 8:
-        raise LoupeError(f"--native {native} must be a multiple of 8, at least 16")
+    if not 16 <= native <= MAX_NATIVE or native % 8:  # above it a scene takes minutes to draw (4096: hours)
+        raise LoupeError(f"--native {native} must be a multiple of 8 in 16..{MAX_NATIVE} (images are 4x that)")
     write_dataset(out, n, seed, SynthConfig(native=native), progress)
     return {split: len(json.loads((out / f"{split}.json").read_text())) for split in SPLITS}

@@ -13,7 +13,6 @@ before anything is evaluated.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import zlib
@@ -46,12 +45,7 @@ class Item:
             raise LoupeError(f"item {self.id!r} has no image")
         if isinstance(self.image, Path):
             return load_image(self.image)
-        try:
-            with Image.open(io.BytesIO(self.image)) as im:
-                im.load()
-                return im.convert("RGB")
-        except OSError as e:
-            raise LoupeError(f"item {self.id!r}: its image bytes cannot be decoded: {e}") from None
+        return load_image(self.image, name=f"of item {self.id!r}")
 
 
 # ---- parquet -----------------------------------------------------------------------------------
