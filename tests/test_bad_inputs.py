@@ -348,3 +348,18 @@ def test_non_finite_training_settings_are_refused() -> None:
                        (dict(grad_clip=math.nan), r"grad_clip=nan"), (dict(steps="10"), r"steps='10'")):
         with pytest.raises(LoupeError, match=match):
             TrainConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_an_interrupted_runs_folder_is_not_silently_reused(tmp_path: Path) -> None:
+    from loupe.distributed import World
+    from loupe.runs import RunSpec
+    from loupe.train import _prepare_folder
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_log.jsonl").write_text('{"step": 3, "loss": 2.0}\n')  # killed before its first checkpoint
+    spec = RunSpec(model="m", method=None)
+    with pytest.raises(LoupeError, match=r"already holds a training run \(train_log.jsonl\); pass --resume"):
+        _prepare_folder(run, spec, World.from_env("cpu"), resume=False, overwrite=False)
+    _prepare_folder(run, spec, World.from_env("cpu"), resume=False, overwrite=True)
+    assert not (run / "train_log.jsonl").exists() and (run / "run.json").exists()

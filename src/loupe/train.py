@@ -459,9 +459,10 @@ def _prepare_folder(run: Path, spec: RunSpec, world: World, resume: bool, overwr
             for partial in run.glob("checkpoint-*.partial"):
                 shutil.rmtree(partial, ignore_errors=True)
     elif world.main:
-        if ((run / "final").exists() or latest(run) is not None) and not overwrite:
-            raise LoupeError(f"{run} already holds a training run; pass --resume to continue it or --overwrite "
-                             "to replace it")
+        earlier = [p.name for p in (run / "final", run / "run.json", run / "train_log.jsonl") if p.exists()]
+        if (earlier or latest(run) is not None) and not overwrite:  # also an interrupted run's log and spec
+            raise LoupeError(f"{run} already holds a training run ({', '.join(earlier) or 'checkpoints'}); pass "
+                             "--resume to continue it or --overwrite to replace it")
         if run.exists():
             (run / "train_log.jsonl").unlink(missing_ok=True)
             for old in [*run.glob("checkpoint-*"), run / "final"]:
