@@ -363,3 +363,27 @@ def test_an_interrupted_runs_folder_is_not_silently_reused(tmp_path: Path) -> No
         _prepare_folder(run, spec, World.from_env("cpu"), resume=False, overwrite=False)
     _prepare_folder(run, spec, World.from_env("cpu"), resume=False, overwrite=True)
     assert not (run / "train_log.jsonl").exists() and (run / "run.json").exists()
+
+
+def test_bad_dataset_rows_labels_and_prompts_are_named(pristine: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    import subprocess
+    import sys
+
+    from loupe.data.llava import read_llava
+
+    for row, match in (({"conversations": ["hi", "there"]}, r"row 0 of .*: turn 0 must be \{\"from\""),
+                       ({"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "a"}]},
+                        r"turn 0 must be"),
+                       ({"image": 5, "conversations": [{"from": "human", "value": "<image> q"},
+                                                       {"from": "gpt", "value": "a"}]}, r"must be a file path")):
+        (tmp_path / "d.json").write_text(json.dumps([row]))
+        with pytest.raises(LoupeError, match=match):
+            read_llava(tmp_path / "d.json")
+    (tmp_path / "d.json").write_bytes(b"\xff\xfe[")
+    with pytest.raises(LoupeError, match=r"d.json is not valid JSON"):
+        read_llava(tmp_path / "d.json")
+    # undecodable prompt bytes on the command line
+    proc = subprocess.run([sys.executable, "-m", "loupe", "generate", "--model", str(pristine), "--image", "x.png",
+                           "--prompt", b"caf\xe9"], capture_output=True, timeout=120)
+    assert proc.returncode == 2 and b"is not valid UTF-8 text" in proc.stderr and b"Traceback" not in proc.stderr

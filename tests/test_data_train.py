@@ -384,6 +384,15 @@ def test_cli_visor_universal_training_router_and_generation(synth: Path, tiny_ba
     assert main(["router", "train", "--model", str(model), "--data", str(synth / "val.json"), "--labels",
                  str(labels), "--out", str(tmp_path / "router2")]) == 2
     assert "not the data's" in capsys.readouterr().err and not (tmp_path / "router2").exists()
+    table["samples"][0]["label"] = 99  # a hand-edited labels file
+    (tmp_path / "bad.json").write_text(json.dumps(table))
+    assert main(["router", "train", "--model", str(model), "--data", str(synth / "train.json"), "--labels",
+                 str(tmp_path / "bad.json"), "--out", str(tmp_path / "router3")]) == 2
+    assert "has label 99; labels index the 3 configurations (0..2)" in capsys.readouterr().err
+    assert main(["router", "train", "--model", str(model), "--data", str(synth / "train.json"), "--labels",
+                 str(labels), "--out", str(tmp_path / "router3"), "--epochs", "0"]) == 2
+    assert "epochs=0 must be an integer of at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "router3").exists()
 
 
 @torch.no_grad()

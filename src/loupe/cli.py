@@ -165,6 +165,11 @@ def run_generation(model: VLM, tok: Tokenizer, image_path: str, prompt: str, sam
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    try:
+        args.prompt.encode("utf-8")  # undecodable argv bytes arrive as lone surrogates
+    except UnicodeEncodeError:
+        raise LoupeError(f"--prompt {args.prompt!r} is not valid UTF-8 text") from None
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, [], args.seed)  # before loading
     if args.overlay:
         from loupe.viz import check_output
         check_output(args.overlay)  # before any work
@@ -175,7 +180,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         run = load_router(model, args.router)
     tok = Tokenizer.from_folder(args.model, model.cfg.image_token_id)
     stops = [tok.eos_id] if tok.eos_id is not None else model.cfg.text.eos_token_ids
-    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, stops, args.seed)
+    sampling = dataclasses.replace(sampling, stop_tokens=stops)
     run_generation(model, tok, args.image, args.prompt, sampling, run, args.overlay)
     return 0
 

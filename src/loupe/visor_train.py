@@ -196,16 +196,29 @@ def label_table(model: VLM, ids: Sequence[tuple[str, Any]], scores: torch.Tensor
 def read_labels(path: str | os.PathLike[str], model: VLM, ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(S,) labels and (S,) which samples teach the router, from a `label_table` file, checked
     against the model's configurations and the samples."""
-    table = json.loads(Path(path).read_text())
+    try:
+        table = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoupeError(f"cannot read the labels file {path}: {e}") from None
+    if not isinstance(table, dict) or not isinstance(table.get("samples"), list):
+        raise LoupeError(f"{path} is not a labels file of `loupe router labels` (an object with 'configurations' "
+                         "and 'samples')")
     mine = [list(c) for c in visor_method(model).configurations]
     if table.get("configurations") != mine:
         raise LoupeError(f"the labels in {path} are for configurations {table.get('configurations')}, but the "
                          f"model has {mine}")
-    theirs = [s["id"] for s in table.get("samples", [])]
+    theirs = [s.get("id") if isinstance(s, dict) else None for s in table["samples"]]
     if theirs != list(ids):
         raise LoupeError(f"the labels in {path} are for {len(theirs)} samples that are not the data's {len(ids)} "
                          "questions in order; build them from the same --data")
     rows = table["samples"]
+    for k, s in enumerate(rows):
+        label, used = s.get("label"), s.get("used", True)
+        if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(mine):
+            raise LoupeError(f"{path}: sample {k} ({s.get('id')!r}) has label {label!r}; labels index the "
+                             f"{len(mine)} configurations (0..{len(mine) - 1})")
+        if not isinstance(used, bool):
+            raise LoupeError(f"{path}: sample {k} ({s.get('id')!r}) has used={used!r}; expected true or false")
     return (torch.tensor([s["label"] for s in rows], dtype=torch.long),
             torch.tensor([s.get("used", True) for s in rows], dtype=torch.bool))
 

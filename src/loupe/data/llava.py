@@ -47,7 +47,7 @@ def read_llava(path: str | os.PathLike[str], image_root: str | os.PathLike[str] 
         raise LoupeError(f"dataset file not found: {path}")
     try:
         rows = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LoupeError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(rows, list):
         raise LoupeError(f"{path} must hold a JSON list of conversations, not {type(rows).__name__}")
@@ -65,11 +65,17 @@ def _example(row: Any, i: int, path: Path, root: Path) -> Example:
     turns = []
     for k in range(0, len(convo), 2):
         human, gpt = convo[k], convo[k + 1]
+        for j, turn in ((k, human), (k + 1, gpt)):
+            if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+                raise LoupeError(f"{where}: turn {j} must be {{\"from\": ..., \"value\": \"text\"}}, not "
+                                 f"{str(turn)[:60]!r}")
         if human.get("from") != "human" or gpt.get("from") != "gpt":
             raise LoupeError(f"{where}: turn {k} must come from 'human' and turn {k + 1} from 'gpt'")
-        turns.append((str(human.get("value", "")), str(gpt.get("value", ""))))
+        turns.append((human["value"], gpt["value"]))
     if any(not a.strip() for _, a in turns):
         raise LoupeError(f"{where}: an answer is empty")
+    if not isinstance(row.get("meta") or {}, dict):
+        raise LoupeError(f"{where}: 'meta' must be an object, not {row['meta']!r}")
     placeholders = sum(q.count(IMAGE_PLACEHOLDER) for q, _ in turns)
     if "image" not in row:
         if placeholders:
@@ -79,6 +85,8 @@ def _example(row: Any, i: int, path: Path, root: Path) -> Example:
         raise LoupeError(f"{where}: the question has no {IMAGE_PLACEHOLDER} placeholder: {turns[0][0][:60]!r}")
     if placeholders != 1:
         raise LoupeError(f"{where}: exactly one {IMAGE_PLACEHOLDER} per conversation is supported")
+    if not isinstance(row["image"], str) or not row["image"]:
+        raise LoupeError(f"{where}: 'image' must be a file path, not {row['image']!r}")
     image = root / row["image"]
     if not image.is_file():
         raise LoupeError(f"{where}: image not found: {image}")
