@@ -393,6 +393,12 @@ def test_cli_visor_universal_training_router_and_generation(synth: Path, tiny_ba
                  str(labels), "--out", str(tmp_path / "router3"), "--epochs", "0"]) == 2
     assert "epochs=0 must be an integer of at least 1" in capsys.readouterr().err
     assert not (tmp_path / "router3").exists()
+    import shutil
+    shutil.copytree(tmp_path / "router", tmp_path / "broken")
+    (tmp_path / "broken" / "router.safetensors").write_bytes(b"\0" * 16)
+    assert main(["generate", "--model", str(model), "--router", str(tmp_path / "broken"), "--image", str(image),
+                 "--prompt", "q"]) == 2
+    assert "cannot read the router" in capsys.readouterr().err
 
 
 @torch.no_grad()

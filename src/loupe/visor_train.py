@@ -35,6 +35,7 @@ Shape legend: S samples, C configurations, W text width.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -309,8 +310,20 @@ def load_router(model: VLM, folder: str | os.PathLike[str]) -> VisorRun:
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise LoupeError(f"{folder} is not a router folder: {', '.join(missing)} missing")
-    meta = json.loads(files[0].read_text())
-    method.load_router(load_file(str(files[1])), meta.get("configurations", []))
+    try:
+        meta = json.loads(files[0].read_text())
+        state = load_file(str(files[1]))
+    except Exception as e:  # JSON, UTF-8 or safetensors' own error: a corrupt router folder
+        raise LoupeError(f"{folder}: cannot read the router ({str(e).splitlines()[0][:200]})") from None
+    configurations = meta.get("configurations") if isinstance(meta, dict) else None
+    if not isinstance(configurations, list) or not all(
+            isinstance(c, list) and all(isinstance(i, int) for i in c) for c in configurations):
+        raise LoupeError(f"{files[0]}: 'configurations' must be a list of lists of layer indices, not "
+                         f"{configurations!r}")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not math.isfinite(float(v.sum()))]
+    if bad:
+        raise LoupeError(f"{files[1]}: router weight(s) {bad} hold NaN or inf")
+    method.load_router(state, configurations)
     return VisorRun(configuration="router")
 
 
