@@ -387,3 +387,13 @@ def test_bad_dataset_rows_labels_and_prompts_are_named(pristine: Path, tmp_path:
     proc = subprocess.run([sys.executable, "-m", "loupe", "generate", "--model", str(pristine), "--image", "x.png",
                            "--prompt", b"caf\xe9"], capture_output=True, timeout=120)
     assert proc.returncode == 2 and b"is not valid UTF-8 text" in proc.stderr and b"Traceback" not in proc.stderr
+
+
+def test_devices_are_checked_before_any_work(pristine: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "--model", str(pristine), "--device", "gpu0"]) == 2
+    assert "--device 'gpu0' is not a device" in capsys.readouterr().err
+    with pytest.raises(LoupeError, match=r"is not a device"):
+        loupe.from_pretrained(pristine, device="cuda:banana")
+    if not torch.cuda.is_available():
+        assert main(["info", "--model", str(pristine), "--device", "cuda"]) == 2
+        assert "this machine has no CUDA device" in capsys.readouterr().err

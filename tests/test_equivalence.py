@@ -73,3 +73,20 @@ def test_eager_probabilities_are_returned_on_request() -> None:
     out, probs = attend(q, k, v, causal=True, need_probs=True)
     assert probs is not None and probs.shape == (1, 2, 3, 3)
     assert torch.triu(probs[0, 0], diagonal=1).abs().max() == 0
+
+
+def test_expanded_kv_equals_grouped_query_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA's path for a masked grouped-query call (K/V expanded so memory-efficient attention
+    takes the mask) gives what `enable_gqa` gives; exercised here on CPU by forcing it."""
+    import loupe.nn.attention as A
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 8, 5, 16), torch.randn(2, 2, 7, 16), torch.randn(2, 2, 7, 16)
+    mask = torch.rand(2, 1, 5, 7) > 0.3
+    mask[..., 0] = True  # no fully masked row
+    assert A.expand_kv_for_sdpa(torch.device("cuda"), True) and not A.expand_kv_for_sdpa(torch.device("cpu"), True)
+    assert not A.expand_kv_for_sdpa(torch.device("cuda"), False)  # unmasked: flash with enable_gqa
+    grouped, _ = A.attend(q, k, v, mask)
+    monkeypatch.setattr(A, "expand_kv_for_sdpa", lambda device, masked: masked)
+    expanded, _ = A.attend(q, k, v, mask)
+    torch.testing.assert_close(expanded, grouped, rtol=1e-5, atol=1e-6)

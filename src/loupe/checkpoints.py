@@ -235,7 +235,9 @@ def from_pretrained(
         base model as `loupe convert` would. `options` are that method's options.
     dtype: None keeps the stored dtype (fp16 on CPU becomes bf16).
     """
-    folder, device = Path(path), torch.device(device)
+    from loupe.distributed import check_device
+
+    folder, device = Path(path), check_device(device) if isinstance(device, str) else device
     files = safetensors_files(folder)
     cfg, stored_method = read_config(folder)
     wanted = _wanted_method(method, stored_method, options)

@@ -16,6 +16,7 @@ import torch
 
 from loupe.checkpoints import convert, from_pretrained, model_info
 from loupe.cost import CONVENTIONS, PRESETS, preset
+from loupe.distributed import check_device
 from loupe.errors import Interrupted, LoupeError
 from loupe.files import check_writable, write_json
 from loupe.flops import Workload
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        if isinstance(getattr(args, "device", None), str):
+            check_device(args.device)  # before any work
         return args.run(args) or 0
     except Interrupted as e:
         print(f"loupe: {e}", file=sys.stderr)

@@ -97,6 +97,26 @@ class World:
         return box[0]
 
 
+def check_device(text: str) -> torch.device:
+    """A device string as torch reads it, refused with a clear message where it is not a device
+    or this machine lacks it (before any work: a model load, a dataset read)."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError):
+        raise LoupeError(f"--device {text!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LoupeError(f"--device {text!r}: this machine has no CUDA device (torch {torch.__version__}, "
+                             f"built {'with' if torch.backends.cuda.is_built() else 'without'} CUDA)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise LoupeError(f"--device {text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise LoupeError(f"--device {text!r}: MPS is not available here")
+    elif device.type not in ("cpu", "cuda", "mps", "meta"):
+        raise LoupeError(f"--device {text!r}: Loupe runs on cpu, cuda or mps")
+    return device
+
+
 def check_parallel(parallel: str, world: World) -> None:
     if parallel not in PARALLEL:
         raise LoupeError(f"parallel={parallel!r}: choose one of {list(PARALLEL)}")

@@ -148,7 +148,9 @@ def prefill_latency(model: VLM, examples: Sequence[Example], tok: Tokenizer, rep
         sizes = torch.tensor([[image.height, image.width]])
         for _ in range(repeats):
             cache = model.new_cache(1, ids.shape[1] + 1)
+            model.synchronize()
             start = time.perf_counter()
             model(ids, px, cache=cache, last_only=True, image_sizes=sizes, run=run)
+            model.synchronize()
             times.append(time.perf_counter() - start)
     return statistics.median(times)

@@ -160,10 +160,12 @@ def _flops(model: VLM, text_tokens: int, new_tokens: int, report: MethodReport, 
 
 def answer_batch(asker: Asker, items: list[Item]) -> list[dict[str, Any]]:
     pictures = [i.picture() for i in items]
+    asker.model.synchronize()
     start = time.perf_counter()
     images = asker.model.prepare_images(pictures)  # once for both passes
     texts, report, text_tokens = asker.generate(items, images)
     losses = asker.option_losses(items, images) if asker.task.likelihood else None
+    asker.model.synchronize()
     seconds = (time.perf_counter() - start) / len(items)
     rows = []
     for k, (item, text) in enumerate(zip(items, texts, strict=True)):

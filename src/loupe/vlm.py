@@ -61,6 +61,11 @@ class VLM(nn.Module):
     def device(self) -> torch.device:
         return self.decoder.embed_tokens.weight.device
 
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (latency measured on CUDA must include it)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def set_kernel(self, kernel: Kernel) -> VLM:
         """Attention kernel for every attention in the model: "sdpa" (default) or "eager"."""
         if kernel not in KERNELS:
@@ -122,6 +127,7 @@ class VLM(nn.Module):
         scores a few answer rows: at OneVision's vocabulary the whole (B, T, V) would be GBs).
         """
         input_ids = input_ids.to(self.device)
+        image_sizes = image_sizes.to(self.device) if image_sizes is not None else None
         self._check_ids(input_ids)
         self.method.check_run(run)
         b, t = input_ids.shape

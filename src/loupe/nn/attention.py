@@ -50,11 +50,26 @@ def attend(
         out (B, H, Tq, D) and the probabilities or None.
     """
     if kernel == "sdpa" and not need_probs:
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=k.shape[1] != q.shape[1]
-        )
+        gqa = k.shape[1] != q.shape[1]
+        if gqa and expand_kv_for_sdpa(q.device, mask is not None):
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, Tk, D)
+            gqa = False
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=gqa)
         return out, None
     return eager_attention(q, k, v, mask, causal=causal)
+
+
+def expand_kv_for_sdpa(device: torch.device, masked: bool) -> bool:
+    """Whether grouped-query keys/values should be expanded to every head before SDPA.
+
+    On CUDA, SDPA given `enable_gqa=True` and a mask has no fused kernel: flash takes no
+    mask, and memory-efficient attention takes no unequal head counts, so it falls back to
+    the math kernel and builds the (B, H, Tq, Tk) scores. Expanding K/V (a copy of
+    O(H Tk D), small next to the attention) lets memory-efficient attention take the mask.
+    Unmasked calls keep `enable_gqa` on the flash kernel. On CPU the flash kernel takes both
+    the mask and GQA (checked: `benchmarks/sdpa_kernels.py`), so nothing is expanded."""
+    return masked and device.type == "cuda"
 
 
 def eager_attention(
