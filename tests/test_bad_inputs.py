@@ -397,3 +397,35 @@ def test_devices_are_checked_before_any_work(pristine: Path, capsys: pytest.Capt
     if not torch.cuda.is_available():
         assert main(["info", "--model", str(pristine), "--device", "cuda"]) == 2
         assert "this machine has no CUDA device" in capsys.readouterr().err
+
+
+def test_fuzzed_method_options_give_an_error_or_a_cost(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every method's options, set to random values through `loupe flops -o` (LLaVA-1.5-7B and
+    OneVision-0.5B shapes): exit 0 with finite costs, or exit 2 with one line; never a traceback."""
+    import dataclasses
+
+    from loupe.methods import METHODS, method_options
+
+    rng = random.Random(7)
+    values = ["0", "-1", "1", "3", "0.5", "2.5", "nan", "inf", "true", "no", "abc", "[]", "[0,2]", "[[1]]", "null",
+              "1e9", '"max"', "router", "min"]
+    outcomes = {0: 0, 2: 0}
+    for _ in range(300):
+        name = rng.choice(sorted(METHODS))
+        fields = [f.name for f in dataclasses.fields(type(method_options(name)))]
+        if not fields:
+            continue
+        opts = [f"{rng.choice(fields)}={rng.choice(values)}" for _ in range(rng.randint(1, 2))]
+        preset = rng.choice(["llava-1.5-7b", "llava-ov-0.5b"])
+        argv = ["flops", "--preset", preset, "--method", name, "--json"] + [a for o in opts for a in ("-o", o)]
+        code = main(argv)
+        out, err = capsys.readouterr()
+        assert code in (0, 2), (argv, code, err)
+        if code == 2:
+            assert len(err.strip().splitlines()) == 1 and err.startswith("loupe: error: "), (argv, err)
+        else:
+            report = json.loads(out)
+            costs = [report[k] for k in ("total", "prefill", "decode_per_token")] + list(report["parts"].values())
+            assert all(math.isfinite(c) and c >= 0 for c in costs), (argv, out[:300])
+        outcomes[code] += 1
+    assert outcomes[0] > 5 and outcomes[2] > 20, outcomes
