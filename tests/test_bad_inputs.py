@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -108,7 +109,7 @@ CHECKPOINTS: list[tuple[str, Edit, str]] = [
     ("NaN rope_theta", set_config("text_config.rope_theta", math.nan), r"text_config.rope_theta=nan.*finite"),
     ("string bool", set_config("multimodal_projector_bias", "false"), r"projector_bias='false'.*true or false"),
     ("config not JSON", write("config.json", "{oops"), r"config.json is not valid JSON"),
-    ("config a list", write("config.json", "[]"), r"config.json must hold a JSON object, not list"),
+    ("config a list", write("config.json", "[]"), r"config.json must hold a JSON object of model settings, not list"),
     ("config not UTF-8", write("config.json", b"\xff\xfe{"), r"config.json is not valid JSON"),
     ("loupe.json invalid", write("loupe.json", '{"model": 3}'), r"loupe.json must hold \{\"model\""),
     ("loupe.json unknown field", write("loupe.json", '{"model": {"visoin": {}}, "method": {"name": "lowres"}}'),
@@ -131,7 +132,7 @@ def test_a_broken_checkpoint_is_one_clear_line(case: str, edit: Edit, match: str
     assert main(["info", "--model", str(hf)]) == 2, case
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert __import__("re").search(match, err), err
+    assert re.search(match, err), err
 
 
 OPTIONS: list[tuple[list[str], str]] = [
@@ -148,7 +149,7 @@ OPTIONS: list[tuple[list[str], str]] = [
 def test_bad_method_options_are_named(argv: list[str], match: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["flops", "--preset", "llava-1.5-7b", "--method", "hd", *argv]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and __import__("re").search(match, err), err
+    assert len(err.splitlines()) == 1 and re.search(match, err), err
 
 
 def test_defaults_adapt_to_a_small_grid(capsys: pytest.CaptureFixture[str]) -> None:

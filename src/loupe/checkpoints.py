@@ -25,7 +25,6 @@ import shutil
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -33,7 +32,7 @@ from safetensors.torch import save_file
 
 from loupe.config import VLMConfig
 from loupe.errors import CheckpointError, LoupeError, preview
-from loupe.files import folder_atomic
+from loupe.files import folder_atomic, read_json
 from loupe.methods import MethodConfig, method_options, saved_method_options
 from loupe.vlm import VLM
 
@@ -145,7 +144,7 @@ def read_config(folder: Path) -> tuple[VLMConfig, MethodConfig | None]:
     """The model config, and the method the checkpoint was converted to (None: base LLaVA)."""
     loupe_file, hf_file = folder / LOUPE_CONFIG, folder / "config.json"
     if loupe_file.exists():
-        d = _json_object(loupe_file)
+        d = read_json(loupe_file, dict, "model settings", CheckpointError)
         model, method = d.get("model"), d.get("method")
         if not isinstance(model, dict) or not isinstance(method, dict) or not isinstance(method.get("name"), str):
             raise CheckpointError(f"{loupe_file} must hold {{\"model\": {{...}}, \"method\": {{\"name\": ..., ...}}}}; "
@@ -159,22 +158,12 @@ def read_config(folder: Path) -> tuple[VLMConfig, MethodConfig | None]:
     if not hf_file.exists():
         raise CheckpointError(f"{folder} has no config.json")
     try:
-        cfg = VLMConfig.from_hf(_json_object(hf_file))
+        cfg = VLMConfig.from_hf(read_json(hf_file, dict, "model settings", CheckpointError))
     except CheckpointError:
         raise
     except LoupeError as e:
         raise type(e)(f"{hf_file}: {e}") from None  # the same class (ConfigError stays one), the file named
     return with_preprocessor(cfg, folder / "preprocessor_config.json"), None
-
-
-def _json_object(path: Path) -> dict[str, Any]:
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, not {type(d).__name__}")
-    return d
 
 
 def with_preprocessor(cfg: VLMConfig, path: Path) -> VLMConfig:

@@ -54,6 +54,23 @@ def check_writable(path: str | os.PathLike[str], flag: str = "output") -> Path:
     return path
 
 
+def read_json(path: str | os.PathLike[str], expect: type, what: str = "JSON",
+              error: type[LoupeError] = LoupeError) -> Any:
+    """A JSON file's value, refused by name (`error`) when it is not valid JSON or UTF-8 or not
+    an `expect` (dict, list)."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} file not found: {path}")
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(value, expect):
+        raise error(f"{path} must hold a JSON {'object' if expect is dict else expect.__name__} of {what}, not "
+                    f"{type(value).__name__}")
+    return value
+
+
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     return write_atomic(path, json.dumps(obj, indent=2) + "\n")
 

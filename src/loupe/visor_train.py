@@ -51,7 +51,7 @@ from loupe.data.batches import Sample, collate, tokenize
 from loupe.data.llava import Example
 from loupe.errors import LoupeError
 from loupe.evaluate import evaluate
-from loupe.files import folder_atomic, write_json
+from loupe.files import folder_atomic, read_json, write_json
 from loupe.methods.visor import Visor, VisorRun, all_subsets
 from loupe.text import Tokenizer
 from loupe.train import ImageSource
@@ -197,11 +197,8 @@ def label_table(model: VLM, ids: Sequence[tuple[str, Any]], scores: torch.Tensor
 def read_labels(path: str | os.PathLike[str], model: VLM, ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(S,) labels and (S,) which samples teach the router, from a `label_table` file, checked
     against the model's configurations and the samples."""
-    try:
-        table = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LoupeError(f"cannot read the labels file {path}: {e}") from None
-    if not isinstance(table, dict) or not isinstance(table.get("samples"), list):
+    table = read_json(path, dict, "router labels")
+    if not isinstance(table.get("samples"), list):
         raise LoupeError(f"{path} is not a labels file of `loupe router labels` (an object with 'configurations' "
                          "and 'samples')")
     mine = [list(c) for c in visor_method(model).configurations]

@@ -13,13 +13,13 @@ before any training starts.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loupe.errors import LoupeError
+from loupe.files import read_json
 from loupe.text import IMAGE_PLACEHOLDER
 
 
@@ -45,12 +45,7 @@ def read_llava(path: str | os.PathLike[str], image_root: str | os.PathLike[str] 
     path = Path(path)
     if not path.is_file():
         raise LoupeError(f"dataset file not found: {path}")
-    try:
-        rows = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LoupeError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(rows, list):
-        raise LoupeError(f"{path} must hold a JSON list of conversations, not {type(rows).__name__}")
+    rows = read_json(path, list, "conversations")
     root = Path(image_root) if image_root is not None else path.parent
     return [_example(row, i, path, root) for i, row in enumerate(rows)]
 

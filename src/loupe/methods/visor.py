@@ -151,14 +151,8 @@ class VisorConfig(TiledConfig):
                 raise ConfigError(f"visor's visionzip front end: {e}") from None
 
     def validate_layers(self, cfg: VLMConfig) -> None:
-        """The layer placement and configurations (apart from how the visual tokens are made)."""
-        for what, value in (("ca_layers", self.ca_layers), ("sa_layers", self.sa_layers)):
-            if value is not None and not (isinstance(value, list) and all(isinstance(i, int) for i in value)):
-                raise ConfigError(f"{what}={value!r} must be a list of layer indices, e.g. [0, 3]")
-        if self.configurations is not None and not (isinstance(self.configurations, list) and all(
-                isinstance(c, list) and all(isinstance(i, int) for i in c) for c in self.configurations)):
-            raise ConfigError(f"configurations={self.configurations!r} must be a list of lists of layer indices, "
-                              "e.g. [[], [1], [1, 4]]")
+        """The layer placement and configurations (apart from how the visual tokens are made;
+        their types are checked when the options are made, `loupe.schema`)."""
         layers = cfg.text.num_layers
         ca, sa = self.resolved_ca(cfg), self.resolved_sa(cfg)
         for what, chosen in (("ca_layers", ca), ("sa_layers", sa)):

@@ -24,6 +24,7 @@ from typing import Any
 from PIL import Image
 
 from loupe.errors import LoupeError
+from loupe.files import read_json
 from loupe.images import load_image
 from loupe.tasks.metrics import LETTERS
 
@@ -141,10 +142,5 @@ def json_list(path: Path, schema: str) -> tuple[Path, list[tuple[str, dict[str, 
     file = path if path.is_file() else next(iter(sorted(path.glob("*.json"))), None)
     if file is None:
         raise LoupeError(f"no {schema} JSON file at {path}")
-    try:
-        rows = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise LoupeError(f"{file} is not valid JSON: {e}") from None
-    if not isinstance(rows, list):
-        raise LoupeError(f"{file} must hold a JSON list of {schema} questions")
+    rows = read_json(file, list, f"{schema} questions")
     return file.parent, [(f"row {k} of {file}", row) for k, row in enumerate(rows)]
