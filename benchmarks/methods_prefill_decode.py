@@ -40,7 +40,7 @@ from loupe.vlm import VLM
 N_LR, N_HR, N_HD = 576, 5184, 1024
 
 
-def build(layers: int, dtype: torch.dtype) -> dict[str, VLM]:
+def build(layers: int, dtype: torch.dtype, methods: tuple[str, ...] = ("hd", "xattn", "flexattn")) -> dict[str, VLM]:
     cfg = loupe.VLMConfig(
         vision=loupe.VisionConfig(hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4),
         text=loupe.TextConfig(hidden_size=4096, intermediate_size=11008, num_layers=layers, num_heads=32,
@@ -54,7 +54,8 @@ def build(layers: int, dtype: torch.dtype) -> dict[str, VLM]:
             p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02)
     base = base.to(dtype).eval()
     models = {"lowres": base}
-    for name, opts in {"hd": {}, "xattn": {}, "flexattn": {"budget": 0.1}}.items():
+    for name in methods:
+        opts = {"budget": 0.1} if name == "flexattn" else {}
         with torch.device("meta"):
             m = VLM(cfg, method_options(name, **opts))
         m.vision_tower, m.projector, m.decoder = base.vision_tower, base.projector, base.decoder
@@ -81,19 +82,25 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def decode_step(model: VLM, ids: torch.Tensor, images: ImageInputs, prime_memo: bool) -> float:
-    """Prefill (untimed), optionally project every HR token in advance, then time one decode step."""
+def decode_step(model: VLM, ids: torch.Tensor, images: ImageInputs, repeat: bool) -> float:
+    """Prefill (untimed), then time one decode step. `repeat`: the same step was run once before
+    (untimed; the cache rewound after it), so every HR token it selects is in the memo; else
+    the memo is emptied first, so the step projects everything it selects anew."""
     cache = model.new_cache(1, ids.shape[1] + 2)
     model(ids, images=images, cache=cache, last_only=True)
-    req = cache.method_state
+    req, tok = cache.method_state, torch.tensor([[1234]])
     if isinstance(req, FlexState):
-        method = model.method
-        for i in range(method.first, model.cfg.text.num_layers):
-            if prime_memo:
-                method._project(i, req, torch.arange(N_HR)[None])
-            else:  # forget what prefill projected: the step's selection is entirely new
-                req.memo_k.pop(i, None), req.memo_v.pop(i, None), req.memo_done.pop(i, None)
-    return timed(lambda: model(torch.tensor([[1234]]), cache=cache, last_only=True))
+        if repeat:
+            lengths = [layer.length for layer in cache.layers]
+            segments = [(s.key_valid, s.next_position) for s in cache.segments]
+            model(tok, cache=cache, last_only=True)
+            for layer, n in zip(cache.layers, lengths, strict=True):
+                layer.truncate(n)
+            for seg, (valid, position) in zip(cache.segments, segments, strict=True):
+                seg.key_valid, seg.next_position = valid, position
+        else:
+            req.memo.clear()
+    return timed(lambda: model(tok, cache=cache, last_only=True))
 
 
 def main() -> None:
@@ -103,16 +110,17 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--decode-only", action="store_true", help="only the decode steps (lowres and flexattn)")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
-    models = build(args.layers, dtype)
+    models = build(args.layers, dtype, ("flexattn",) if args.decode_only else ("hd", "xattn", "flexattn"))
     feeds = {name: inputs(m, args.text, dtype) for name, m in models.items()}
-    jobs: dict[str, Callable[[], float]] = {
+    jobs: dict[str, Callable[[], float]] = {} if args.decode_only else {
         f"prefill/{name}": (lambda m=m, f=feeds[name]: timed(lambda: m(f[0], images=f[1], last_only=True)))
         for name, m in models.items()}
-    jobs["decode/lowres"] = lambda: decode_step(models["lowres"], *feeds["lowres"], prime_memo=False)
-    jobs["decode/flexattn-repeat"] = lambda: decode_step(models["flexattn"], *feeds["flexattn"], prime_memo=True)
-    jobs["decode/flexattn-new"] = lambda: decode_step(models["flexattn"], *feeds["flexattn"], prime_memo=False)
+    jobs["decode/lowres"] = lambda: decode_step(models["lowres"], *feeds["lowres"], repeat=False)
+    jobs["decode/flexattn-repeat"] = lambda: decode_step(models["flexattn"], *feeds["flexattn"], repeat=True)
+    jobs["decode/flexattn-new"] = lambda: decode_step(models["flexattn"], *feeds["flexattn"], repeat=False)
     times: dict[str, list[float]] = {k: [] for k in jobs}
     with torch.inference_mode():
         for job in jobs.values():  # warm-up
@@ -121,9 +129,10 @@ def main() -> None:
             for name, job in jobs.items():
                 times[name].append(job())
     med = {k: statistics.median(v) for k, v in times.items()}
-    ratios = {
+    ratios = {} if args.decode_only else {
         "flexattn/hd prefill": med["prefill/flexattn"] / med["prefill/hd"],
-        "flexattn/xattn prefill": med["prefill/flexattn"] / med["prefill/xattn"],
+        "flexattn/xattn prefill": med["prefill/flexattn"] / med["prefill/xattn"]}
+    ratios |= {
         "flexattn-repeat/lowres decode": med["decode/flexattn-repeat"] / med["decode/lowres"],
         "flexattn-new/lowres decode": med["decode/flexattn-new"] / med["decode/lowres"],
     }

@@ -26,13 +26,15 @@ from typing import Any
 
 import torch
 from PIL import Image
+from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
 from loupe.config import VLMConfig
-from loupe.cost import Preset, estimate, measured_selection
+from loupe.cost import Preset, estimate, measured_selection, measured_tiles
 from loupe.errors import LoupeError
 from loupe.flops import Workload
 from loupe.methods import Method, MethodConfig, build_method, method_label
+from loupe.methods.base import LazyHR
 from loupe.tiny import init_random_
 from loupe.vlm import VLM
 
@@ -160,6 +162,35 @@ def _release_free_memory() -> None:
         pass
 
 
+class HostReads(TorchFunctionMode):
+    """Counts the calls that read a tensor's value on the host while active (`.item()`,
+    `bool()`, `int()`, `.tolist()`, `nonzero`, boolean-mask indexing, ...): each one waits for the
+    device to finish the work queued before it, so a decode step with none can be captured or
+    compiled whole. `names` lists them in order."""
+
+    READS = frozenset({"item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy", "nonzero",
+                       "nonzero_static", "unique", "masked_select"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.names)
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = getattr(func, "__name__", "")
+        if name in self.READS or (name in ("__getitem__", "__setitem__") and _bool_index(args[1:2])):
+            self.names.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _bool_index(index: tuple[Any, ...]) -> bool:
+    items = index[0] if index and isinstance(index[0], tuple) else index
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
+
+
 @dataclass
 class Sample:
     prefill_s: float
@@ -168,6 +199,7 @@ class Sample:
     peak_bytes: int | None
     selected: float | None  # mean selected fraction (methods that select)
     fresh: float | None  # fraction of HR tokens a decode step projected anew
+    tiles: float  # fraction of HR tiles the request encoded (1 unless encoded lazily)
 
 
 @dataclass
@@ -189,19 +221,21 @@ def run_once(model: VLM, req: Request, new_tokens: int) -> Sample:
         with Stopwatch(model.device) as prefill:
             out = model(ids, req.pixels, cache=cache, last_only=True, image_sizes=req.image_sizes)
             tok = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
-        fresh = []
+        fresh, last = [], out
         with Stopwatch(model.device) as decode:
             for _ in range(new_tokens - 1):
-                step = model(tok, cache=cache, last_only=True)
-                tok = step.logits[:, -1].argmax(-1, keepdim=True)
-                fresh.append(step.report.projected_fraction)
+                last = model(tok, cache=cache, last_only=True)
+                tok = last.logits[:, -1].argmax(-1, keepdim=True)
+                fresh.append(last.report.projected_fraction)
     per_step = decode.seconds / max(1, new_tokens - 1)
     known = [f for f in fresh if f is not None]
     images = model.method.encode(model, req.pixels, req.image_sizes)
+    if isinstance(images.hr, LazyHR):
+        images.hr.dense()  # tiles encoded lazily: all of them now, outside the timer
     with Stopwatch(model.device) as llm:
         model(ids, images=images, cache=model.new_cache(ids.shape[0], ids.shape[1] + 1), last_only=True)
     return Sample(prefill.seconds, llm.seconds, per_step, mem.peak_bytes, measured_selection(out.report),
-                  statistics.fmean(known) if known else None)
+                  statistics.fmean(known) if known else None, measured_tiles(last.report))
 
 
 def request(model: VLM, method: Method, cfg: BenchConfig, gen: torch.Generator) -> Request:
@@ -291,7 +325,8 @@ def _row(name: str, options: MethodConfig, samples: list[Sample], model_cfg: VLM
     fresh = [s.fresh for s in samples if s.fresh is not None]
     workload = Workload(cfg.prompt_tokens, cfg.new_tokens, cfg.batch,
                         selected=statistics.fmean(selected) if selected else 0.1,
-                        memoised=getattr(options, "memoise", True), image_size=cfg.image_size)
+                        memoised=getattr(options, "memoise", True), image_size=cfg.image_size,
+                        hr_tiles=statistics.fmean(s.tiles for s in samples))
     workload = dataclasses.replace(workload, fresh=min(workload.selected, statistics.fmean(fresh)) if fresh else 0.0)
     cost = estimate(model_cfg, options, workload)
     decode = [s.decode_s for s in samples]
@@ -304,6 +339,7 @@ def _row(name: str, options: MethodConfig, samples: list[Sample], model_cfg: VLM
         "tokens_per_s": cfg.batch / statistics.median(decode),
         "peak_mb": statistics.median(peaks) / 2**20 if peaks else None,
         "selected_fraction": workload.selected if selected else None,
+        "hr_tiles_fraction": workload.hr_tiles,
         "prefill_flops": cost.prefill, "decode_flops": cost.decode_per_token,
         "llm_prefill_flops": cost.part("prefill"),
     }

@@ -236,6 +236,9 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--selected-ratio", type=float, default=0.1,
                    help="FlexAttention: fraction of HR tokens selected (paper: about 10%%)")
+    p.add_argument("--hr-tiles", type=float, default=1.0,
+                   help="FlexAttention (lazy_hr): fraction of HR tiles encoded, as `loupe bench` measures "
+                        "(default 1: every tile)")
     p.add_argument("--image-size", default=None, metavar="HxW",
                    help="input image (height x width) for models whose image tokens depend on it (OneVision); "
                         "default: the model's reference size")
@@ -272,8 +275,8 @@ def cmd_flops(args: argparse.Namespace) -> int:
     from loupe.cost import flops_report
 
     workload = Workload(args.prompt_tokens, args.new_tokens, args.batch, selected=args.selected_ratio,
-                        memoised=not args.reproject, lm_head=args.lm_head, mix=_floats(args.mix, "--mix"),
-                        image_size=_image_size(args.image_size))
+                        memoised=not args.reproject, hr_tiles=args.hr_tiles, lm_head=args.lm_head,
+                        mix=_floats(args.mix, "--mix"), image_size=_image_size(args.image_size))
     report = flops_report(args.preset, args.model, args.compare or ([args.method] if args.method else None), workload,
                           hr_size=args.hr_size, options=parse_options(args.option), convention=args.convention)
     print(json.dumps(report.to_json(), indent=2) if args.json else report.text())

@@ -225,6 +225,12 @@ def measured_selection(report: MethodReport) -> float | None:
     return float(torch.stack([f.float().mean() for f in fractions.values()]).mean())
 
 
+def measured_tiles(report: MethodReport) -> float:
+    """A run's fraction of HR tiles encoded, for `Workload.hr_tiles` (1: the method encodes every
+    tile, or reports none); pass the report of the request's last call (the count accumulates)."""
+    return 1.0 if not report.tiles_encoded else min(1.0, report.tiles_encoded)
+
+
 # ---- the real count -------------------------------------------------------------------
 def _cpu_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None,
                     **kwargs: Any) -> int:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from loupe.chat import ChatTemplate, template_for
-from loupe.cost import estimate, measured_selection
+from loupe.cost import estimate, measured_selection, measured_tiles
 from loupe.distributed import World
 from loupe.errors import LoupeError
 from loupe.files import write_atomic, write_json
@@ -154,7 +154,8 @@ class Asker:
 def _flops(model: VLM, text_tokens: int, new_tokens: int, report: MethodReport, size: tuple[int, int]) -> float:
     """FLOPs of one question from `loupe.cost`, with the selection the method reported at prefill."""
     workload = Workload(prompt_tokens=max(1, text_tokens), new_tokens=max(1, new_tokens),
-                        selected=measured_selection(report) or 0.1, image_size=size)
+                        selected=measured_selection(report) or 0.1, image_size=size,
+                        hr_tiles=measured_tiles(report))
     return estimate(model.cfg, model.method.options, workload).total
 
 

@@ -32,6 +32,9 @@ class Workload:
     selected: float = 0.1  # FlexAttention: fraction of HR tokens each HR layer selects (paper: about 10%)
     memoised: bool = True  # FlexAttention: decode steps reuse the HR keys/values projected before
     fresh: float = 0.0  # with memoised: fraction of HR tokens a decode step projects anew (0: selection repeats)
+    # FlexAttention with lazy_hr: fraction of a sample's HR tiles the request encodes (1: every
+    # tile, as the papers; measured: `MethodReport.tiles_encoded`)
+    hr_tiles: float = 1.0
     lm_head: Literal["last", "all"] = "last"  # prefill logits for the last position only, or for all
     mix: tuple[float, ...] | None = None  # VISOR router: fraction of samples per configuration (cheapest first)
     # (height, width) of the input image, for models whose image tokens depend on it (OneVision's
@@ -51,6 +54,8 @@ class Workload:
             raise LoupeError(f"batch={self.batch} must be at least 1")
         if not 0 < self.selected <= 1:
             raise LoupeError(f"selected ratio {self.selected} must be in (0, 1]")
+        if not 0 < self.hr_tiles <= 1:
+            raise LoupeError(f"hr_tiles={self.hr_tiles} must be in (0, 1]: the fraction of HR tiles encoded")
         if not 0 <= self.fresh <= self.selected:
             raise LoupeError(f"fresh={self.fresh} must be in [0, selected={self.selected}]")
         if self.lm_head not in ("last", "all"):
@@ -81,7 +86,7 @@ class CostPlan:
     """How a method spends compute, in terms the cost model turns into FLOPs."""
 
     image_tokens: int  # image tokens each sample puts in the decoder sequence
-    vision: dict[str, tuple[int, int]]  # part -> (image side in px, encoder passes per sample)
+    vision: dict[str, tuple[int, float]]  # part -> (image side in px, encoder passes per sample)
     projector_rows: int  # feature rows through the projector per sample
     prefill_extra: Extras = _none  # T (sequence length) -> the method's extra parts of a prefill
     decode_extra: Extras = _none  # Tk (keys incl. the new one) -> extra parts of one decode step

@@ -34,7 +34,7 @@ import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import nn
@@ -91,6 +91,21 @@ class ImageFeatures:
         return ImageFeatures(self.lr[index].to(device, dtype), hr, sizes)
 
 
+@runtime_checkable
+class LazyHR(Protocol):
+    """HR features computed when first read (FlexAttention's `TileFeatures`)."""
+
+    shape: tuple[int, int, int]  # (I, M, W)
+
+    def gather(self, idx: torch.Tensor) -> torch.Tensor:
+        """Features (I, S, W) of HR tokens idx (I, S)."""
+        ...
+
+    def dense(self) -> torch.Tensor:
+        """Every HR token's features (I, M, W)."""
+        ...
+
+
 @dataclass
 class ImageInputs:
     """What `Method.encode` produced for a batch of images."""
@@ -98,7 +113,9 @@ class ImageInputs:
     # (I, N, W) features placed in the sequence at the <image> positions, or per image (N_i, W)
     # where images differ in length (OneVision's AnyRes)
     sequence: torch.Tensor | list[torch.Tensor]
-    hr: torch.Tensor | None = None  # (I, M, W) HR features kept beside the sequence (FlexAttention, XAttn)
+    # (I, M, W) HR features kept beside the sequence (FlexAttention, XAttn), or FlexAttention's
+    # `TileFeatures` (tiles encoded on first use)
+    hr: torch.Tensor | LazyHR | None = None
     image_sizes: torch.Tensor | None = None  # (I, 2) original (height, width), for methods that need it
     hr_valid: torch.Tensor | None = None  # (I, M) False at padding, where images' HR lengths differ (OneVision)
 
@@ -116,6 +133,7 @@ class MethodReport:
 
     selected_fraction: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B,) HR fraction selected
     projected_fraction: float | None = None  # HR tokens projected in this call / (HR tokens x HR layers)
+    tiles_encoded: float | None = None  # HR tiles encoded so far in the request / tiles (lazy HR encoding)
     sa_layers: torch.Tensor | None = None  # (B,) layers in which the sample's visual tokens ran (VISOR)
     route: torch.Tensor | None = None  # (B,) the configuration a router chose per sample
 

@@ -19,7 +19,13 @@ see HR, and HR tokens are never queries.
 Fast: all rows go through the fused kernel; only the R HR rows (1 per sample at
 inference) are recomputed eagerly, which is where the selection probabilities come from;
 no full attention map is ever materialised. In generation the projections Z W'_K, Z W'_V
-are memoised per layer and request, so each HR token is projected at most once.
+are memoised per layer and request, so each HR token is projected at most once; the memo
+is compact (`HRMemo`: memory grows with the tokens projected, not with the HR grid) and a
+layer attends over its slots under the selection's mask, so a decode step gathers nothing.
+Its one host read per HR layer is how many tokens it must project anew: that count is data,
+and it sizes the projection (a static shape would project a fixed number every step). With
+`lazy_hr` the HR tiles are encoded on first use too (`TileFeatures`), only those a
+selection reads.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ from loupe.methods.base import (
     keep_state,
     register,
 )
-from loupe.methods.highres import HighResMethod, TiledConfig, tiled_plan
+from loupe.methods.highres import HighResMethod, TiledConfig, TileFeatures, low_res, tiled_plan
 from loupe.nn.decoder import ExtraKeys, RMSNorm, Rows
 from loupe.nn.rope import Rope
 
@@ -68,6 +74,9 @@ class FlexAttnConfig(TiledConfig):
     ablation_ratio: float = 0.1  # block fraction of the random / center strategies
     source: str = "official"  # official: attention without HR columns; paper: first N columns of it
     memoise: bool = True  # project each HR token at most once per request in generation
+    # Encode an HR tile the first time a selection reads one of its tokens, only those (beyond
+    # both papers; outputs equal). False: every tile at prefill, as the papers do.
+    lazy_hr: bool = True
     gate_warmup: float = 10.0  # the official training gate: a = min(1, epoch * gate_warmup)
     # HR features before W'_K, W'_V: "layer" = a per-layer RMSNorm initialised from the layer's
     # input norm (Loupe's default: W_K was trained on normed hidden states, and the projector's
@@ -132,20 +141,86 @@ class HRProjection(nn.Module):
 
 
 @dataclass
+class HRMemo:
+    """One layer's projected HR keys/values in a request, compact: slot j of sample b holds the
+    rotated key and the value of HR token `token[b, j]`. Slots are appended (capacity doubling,
+    as a list), so memory follows the tokens projected, not the HR grid; C = capacity, U = used."""
+
+    k: torch.Tensor  # (B, G, C, D) rotated keys
+    v: torch.Tensor  # (B, G, C, D)
+    token: torch.Tensor  # (B, C) the HR token in each slot (0 where empty)
+    filled: torch.Tensor  # (B, C) bool: the slot holds a projection (samples project unequal counts)
+    done: torch.Tensor  # (B, M) bool: the token is projected
+    used: int = 0  # slots [0, used) have been written
+
+    @classmethod
+    def empty(cls, batch: int, heads: int, tokens: int, head_dim: int, dtype: torch.dtype,
+              device: torch.device) -> HRMemo:
+        kv = torch.zeros(batch, heads, 0, head_dim, dtype=dtype, device=device)
+        return cls(kv, kv.clone(), torch.zeros(batch, 0, dtype=torch.long, device=device),
+                   torch.zeros(batch, 0, dtype=torch.bool, device=device),
+                   torch.zeros(batch, tokens, dtype=torch.bool, device=device))
+
+    def add(self, token: torch.Tensor, real: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append tokens (B, n) (`real` (B, n) False at padding) with their k, v (B, G, n, D)."""
+        start, end = self.used, self.used + token.shape[1]
+        if end > self.k.shape[2]:
+            self._grow(max(end, 2 * self.k.shape[2]))
+        self.k[:, :, start:end], self.v[:, :, start:end] = k, v
+        self.token[:, start:end], self.filled[:, start:end] = token, real
+        self.done |= torch.zeros_like(self.done).scatter_(1, token, real)  # tokens in a row are distinct
+        self.used = end
+
+    def slots(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The written slots: k, v (B, G, U, D), their tokens (B, U) and which are filled (B, U)."""
+        u = self.used
+        return self.k[:, :, :u], self.v[:, :, :u], self.token[:, :u], self.filled[:, :u]
+
+    def _grow(self, capacity: int) -> None:
+        def wider(t: torch.Tensor, dim: int) -> torch.Tensor:
+            shape = list(t.shape)
+            shape[dim] = capacity
+            out = t.new_zeros(shape)
+            out.narrow(dim, 0, t.shape[dim]).copy_(t)
+            return out
+
+        self.k, self.v = wider(self.k, 2), wider(self.v, 2)
+        self.token, self.filled = wider(self.token, 1), wider(self.filled, 1)
+
+
+@dataclass
 class FlexState:
     """Per request: built at prefill, kept in the cache for the decode steps."""
 
-    hr: torch.Tensor  # (B, M, W) HR features
+    hr: torch.Tensor | TileFeatures  # (B, M, W) HR features, or tiles encoded on first use
     hr_rope: Rope  # (B, M, D) angles of the HR keys
     image_cols: torch.Tensor  # (B, N) key index of each LR image token
     allowed: torch.Tensor  # (B, g, g) False on the square-padding margin
     hr_valid: torch.Tensor  # (B, M) False at padding HR slots (images of different HR lengths)
-    memo_k: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, G, M, D) rotated keys
-    memo_v: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, G, M, D)
-    memo_done: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, M) projected yet
+    memo: dict[int, HRMemo] = field(default_factory=dict)  # layer -> its projected HR keys/values
     hr_grids: list[tuple[int, int]] | None = None  # per image (rows, cols) of its HR grid, where they differ
     memoise: bool = False  # keep projections across calls (generation with a cache)
-    projected: int = 0  # HR tokens projected so far in this request (all layers)
+    projected_count: torch.Tensor | None = None  # () HR tokens projected so far (all layers), on the device
+
+    @property
+    def tokens(self) -> int:
+        """M: HR tokens per sample."""
+        return self.hr.shape[1]
+
+    @property
+    def projected(self) -> int:
+        """HR tokens projected so far in this request (all layers); reads the device."""
+        return 0 if self.projected_count is None else int(self.projected_count)
+
+    def count_projected(self, real: torch.Tensor) -> None:
+        n = real.sum()
+        self.projected_count = n if self.projected_count is None else self.projected_count + n
+
+    def hr_features(self, idx: torch.Tensor) -> torch.Tensor:
+        """HR features (B, S, W) of tokens idx (B, S)."""
+        if isinstance(self.hr, TileFeatures):
+            return self.hr.gather(idx)
+        return self.hr.gather(1, idx[..., None].expand(-1, -1, self.hr.shape[-1]))
 
 
 @dataclass
@@ -256,19 +331,28 @@ class FlexAttention(HighResMethod):
 
     @classmethod
     def hr_plan(cls, cfg: VLMConfig, options: FlexAttnConfig, workload: Workload) -> tuple[CostPlan, int]:
-        """The encoder's part of the plan, and M: the k x k tiles' tokens."""
-        return tiled_plan(cfg, options.resolved_hr_size(cfg))
+        """The encoder's part of the plan (with `lazy_hr`, the workload's fraction of tiles), and M:
+        the k x k tiles' tokens."""
+        return tiled_plan(cfg, options.resolved_hr_size(cfg), workload.hr_tiles if options.lazy_hr else 1.0)
 
     def assemble(self, features: ImageFeatures, image_sizes: torch.Tensor | None = None) -> ImageInputs:
         hr = self.hr_of(features)  # (I, M, W)
         sizes = None if image_sizes is None else image_sizes.to(hr.device)
         return ImageInputs(features.lr, hr=hr, image_sizes=sizes)  # (I, N, W)
 
+    def encode(self, vlm: VLM, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> ImageInputs:
+        """LR features now; with `lazy_hr` the HR tiles later, each when a selection first reads it."""
+        if not self.options.lazy_hr:
+            return super().encode(vlm, pixel_values, image_sizes)
+        lr = vlm.image_features(low_res(pixel_values, self.cfg.vision.image_size))  # (I, N, W)
+        sizes = None if image_sizes is None else image_sizes.to(lr.device)
+        return ImageInputs(lr, hr=TileFeatures(vlm, pixel_values), image_sizes=sizes)
+
     # ---- layer loop -----------------------------------------------------------------
     def run_layers(self, vlm: VLM, x: torch.Tensor, step: Step) -> tuple[torch.Tensor, FlexReport]:
         req = self._request(vlm, step, x.shape[0])
         boxes = self._oracle_boxes(step)
-        rows, row_valid = self._hr_rows(step, x.shape[:2])  # (B, R), (B, R)
+        rows, row_valid, all_real = self._hr_rows(step, x.shape[:2])  # (B, R), (B, R)
         gate = self.current_gate()
         sel: torch.Tensor | None = None  # (B, R, M) selection made by the previous layer
         report = FlexReport(hr_rows=rows, hr_rows_valid=row_valid)
@@ -282,7 +366,8 @@ class FlexAttention(HighResMethod):
             # The HR rows recomputed explicitly: their attention over the LR image columns is
             # what the next layer selects from (DESIGN.md section 2).
             x, probs = layer.forward_rows(x, step.ctx, cache, Rows(rows, row_valid, extra, columns=None,
-                                                                   probs_without_extra=self._official()))
+                                                                   probs_without_extra=self._official(),
+                                                                   all_valid=all_real))
             attn_lr = probs[..., : step.key_valid.shape[1]].sum(1)  # (B, R, Tk) summed over heads
             attn_lr = attn_lr.gather(2, req.image_cols[:, None].expand(-1, rows.shape[1], -1)).detach()  # (B, R, N)
             report.lr_attention[i] = attn_lr
@@ -292,6 +377,8 @@ class FlexAttention(HighResMethod):
                 report.selected_fraction[i + 1] = _fraction(sel, row_valid, req.hr_valid)
         hr_layers = len(vlm.decoder.layers) - self.first
         report.projected_fraction = (req.projected - projected_before) / (float(req.hr_valid.sum()) * hr_layers)
+        if isinstance(req.hr, TileFeatures):
+            report.tiles_encoded = req.hr.encoded / (req.hr.tiles_per_image * x.shape[0])
         return x, report
 
     def _official(self) -> bool:
@@ -342,41 +429,43 @@ class FlexAttention(HighResMethod):
 
     def _hr_keys(self, i: int, req: FlexState, sel: torch.Tensor, gate: float) -> ExtraKeys:
         """Keys/values of the HR tokens any row of a sample selected, and each row's mask."""
+        if req.memoise:
+            return self._memo_keys(i, req, sel, gate)
         union = sel.any(1)  # (B, M)
         s = max(1, int(union.sum(1).max()))
         idx = torch.argsort((~union).to(torch.int8), dim=1, stable=True)[:, :s]  # (B, S) selected first
         picked = union.gather(1, idx)  # (B, S)
-        k_hr, v_hr = self._project(i, req, idx)  # (B, G, S, D) x2
+        k_hr, v_hr = self._project_now(i, req, idx, picked)  # (B, G, S, D) x2
         hr_mask = sel.gather(2, idx[:, None].expand(-1, sel.shape[1], -1)) & picked[:, None]  # (B, R, S)
         return ExtraKeys(k_hr, v_hr, hr_mask, gate)
 
-    def _project(self, i: int, req: FlexState, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE_hr(Z W'_K), Z W'_V for HR tokens idx (B, S); memoised per request if enabled."""
-        if not req.memoise:
-            return self._project_now(i, req, idx)
-        if i not in req.memo_k:
-            b, m = req.hr.shape[:2]
-            shape = (b, self.cfg.text.num_kv_heads, m, self.cfg.text.head_dim)
-            req.memo_k[i] = req.hr.new_zeros(shape)
-            req.memo_v[i] = req.hr.new_zeros(shape)
-            req.memo_done[i] = torch.zeros(b, m, dtype=torch.bool, device=req.hr.device)
-        done = req.memo_done[i]
-        need = torch.zeros_like(done).scatter(1, idx, True) & ~done  # (B, M)
-        if bool(need.any()):
-            n = int(need.sum(1).max())
+    def _memo_keys(self, i: int, req: FlexState, sel: torch.Tensor, gate: float) -> ExtraKeys:
+        """The layer's memo, with the tokens selected for the first time projected into it. The
+        rows attend over every slot, masked to what each selected (a masked slot weighs exactly
+        0), so nothing is gathered and a repeated selection projects nothing."""
+        memo = req.memo.get(i)
+        if memo is None:
+            t = self.cfg.text
+            weight = self.layers[str(i)].k_proj.weight
+            memo = req.memo[i] = HRMemo.empty(sel.shape[0], t.num_kv_heads, req.tokens, t.head_dim,
+                                              weight.dtype, sel.device)
+        need = sel.any(1) & ~memo.done  # (B, M) selected, not projected yet
+        n = int(need.sum(1).max())  # the layer's one host read: how many tokens it projects
+        if n:
             new = torch.argsort((~need).to(torch.int8), dim=1, stable=True)[:, :n]  # (B, n) needed first
-            k_new, v_new = self._project_now(i, req, new)  # (B, G, n, D)
-            slot = new[:, None, :, None].expand_as(k_new)
-            req.memo_k[i].scatter_(2, slot, k_new)
-            req.memo_v[i].scatter_(2, slot, v_new)
-            req.memo_done[i] = done | need
-        slot = idx[:, None, :, None].expand(-1, req.memo_k[i].shape[1], -1, req.memo_k[i].shape[3])
-        return req.memo_k[i].gather(2, slot), req.memo_v[i].gather(2, slot)
+            real = need.gather(1, new)  # (B, n) False where a sample needs fewer
+            memo.add(new, real, *self._project_now(i, req, new, real))
+        k, v, token, filled = memo.slots()  # (B, G, U, D) x2, (B, U) x2
+        mask = sel.gather(2, token[:, None].expand(-1, sel.shape[1], -1)) & filled[:, None]  # (B, R, U)
+        return ExtraKeys(k, v, mask, gate)
 
-    def _project_now(self, i: int, req: FlexState, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _project_now(self, i: int, req: FlexState, idx: torch.Tensor,
+                     real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE_hr(n(Z) W'_K), n(Z) W'_V (B, G, S, D) of HR tokens idx (B, S); `real` (B, S) marks
+        the ones counted as projected (the rest pad a sample to the batch's count)."""
         proj = self.layers[str(i)]
-        z = req.hr.gather(1, idx[..., None].expand(-1, -1, req.hr.shape[-1]))  # (B, S, W)
-        req.projected += idx.numel()
+        z = req.hr_features(idx)  # (B, S, W)
+        req.count_projected(real)
         g, d = self.cfg.text.num_kv_heads, self.cfg.text.head_dim
         b, s = idx.shape
         k, v = proj(z)  # (B, S, G*D) each
@@ -391,7 +480,9 @@ class FlexAttention(HighResMethod):
             return state
         if step.images is None or step.images.hr is None:
             raise LoupeError("flexattn needs an image: pass pixel_values (or encoded images) with the prompt")
-        hr = step.images.hr.to(vlm.dtype)  # (B, M, W)
+        hr = step.images.hr  # (B, M, W), or its tiles encoded on first use
+        if isinstance(hr, torch.Tensor):
+            hr = hr.to(vlm.dtype)
         n = self.cfg.tokens_per_image
         counts = step.image_mask.sum(1)
         if hr.shape[0] != batch or bool((counts != n).any()):
@@ -400,9 +491,11 @@ class FlexAttention(HighResMethod):
         offset = step.key_valid.shape[1] - step.image_mask.shape[1]  # keys cached before this call
         image_cols = offset + torch.nonzero(step.image_mask)[:, 1].view(batch, n)  # (B, N)
         valid = step.images.hr_valid
+        device = image_cols.device
         req = FlexState(hr, self._hr_rope(step.ctx.rope, image_cols - offset, step.images), image_cols,
-                        self._allowed(step.images, batch, hr.device),
-                        valid.to(hr.device) if valid is not None else hr.new_ones(hr.shape[:2], dtype=torch.bool),
+                        self._allowed(step.images, batch, device),
+                        valid.to(device) if valid is not None else torch.ones(hr.shape[:2], dtype=torch.bool,
+                                                                               device=device),
                         memoise=self.options.memoise and step.cache is not None)
         keep_state(step, req)
         return req
@@ -423,16 +516,17 @@ class FlexAttention(HighResMethod):
 
         return Rope(up(lr.cos), up(lr.sin))
 
-    def _hr_rows(self, step: Step, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
-        """Indices (B, R) of the new rows that see HR, and which of them are real."""
+    def _hr_rows(self, step: Step, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor, bool | None]:
+        """Indices (B, R) of the new rows that see HR, which of them are real, and whether the
+        host knows that all are (inference: the one last row; None: read the mask)."""
         b, t = shape
         if step.loss_rows is None:
-            return torch.full((b, 1), t - 1, device=step.image_mask.device), step.image_mask.new_ones(b, 1)
+            return torch.full((b, 1), t - 1, device=step.image_mask.device), step.image_mask.new_ones(b, 1), True
         counts = step.loss_rows.sum(1)
         r = max(1, int(counts.max()))
         order = torch.argsort((~step.loss_rows).to(torch.int8), dim=1, stable=True)[:, :r]  # (B, R) marked first
         valid = torch.arange(r, device=counts.device)[None] < counts[:, None]  # (B, R)
-        return torch.where(valid, order, t - 1), valid
+        return torch.where(valid, order, t - 1), valid, None
 
 
 def _fraction(sel: torch.Tensor, row_valid: torch.Tensor, hr_valid: torch.Tensor) -> torch.Tensor:

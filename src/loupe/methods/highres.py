@@ -80,6 +80,62 @@ def encode_tiled(vlm: VLM, pixels: torch.Tensor) -> torch.Tensor:
     return stitch(feats, pixels.shape[0], pixels.shape[-1] // native, g)
 
 
+class TileFeatures:
+    """HR features of k x k native tiles, each tile encoded (encoder and projector) the first
+    time one of its tokens is read and kept for the rest of the request. A selection that
+    touches 2 of the 9 tiles pays for 2 encoder passes, not 9 (beyond both papers, which
+    encode every tile). What `gather` reads equals the stitched grid of `encode_tiled`: the
+    same tiles through the same encoder (tested).
+
+    Shape legend: I images, K = k*k tiles per image, n = g*g tokens per tile, M = K*n HR
+    tokens (row-major over the (k*g) x (k*g) grid), W width, S tokens read.
+    """
+
+    def __init__(self, vlm: VLM, pixels: torch.Tensor) -> None:
+        native, g = vlm.cfg.vision.image_size, vlm.cfg.vision.grid
+        i, k = pixels.shape[0], pixels.shape[-1] // native
+        self._encode = vlm.image_features
+        self.pixels = tiles(pixels, native).view(i, k * k, pixels.shape[1], native, native)  # (I, K, 3, s, s)
+        self.done = torch.zeros(i, k * k, dtype=torch.bool, device=pixels.device)  # (I, K) encoded yet
+        self.features: torch.Tensor | None = None  # (I, K, n, W), allocated at the first encode
+        self.encoded = 0  # tiles encoded so far
+        side = torch.arange(k * g, device=pixels.device)
+        r, c = side[:, None], side[None, :]
+        self.tile_of = ((r // g) * k + c // g).flatten()  # (M,) the tile holding HR token m
+        self.slot = (self.tile_of * g * g + ((r % g) * g + c % g).flatten())  # (M,) m's row in the flat (K*n) order
+        self.shape = (i, k * k * g * g, vlm.cfg.text.hidden_size)
+
+    @property
+    def tiles_per_image(self) -> int:
+        return self.done.shape[1]
+
+    @torch.no_grad()
+    def gather(self, idx: torch.Tensor) -> torch.Tensor:
+        """HR features (I, S, W) of the HR tokens idx (I, S), encoding the tiles not yet encoded."""
+        self._ensure(torch.zeros_like(self.done).scatter_(1, self.tile_of[idx], True))
+        assert self.features is not None
+        flat = self.features.flatten(1, 2)  # (I, K*n, W)
+        return flat.gather(1, self.slot[idx][..., None].expand(-1, -1, flat.shape[-1]))
+
+    def dense(self) -> torch.Tensor:
+        """Every tile encoded and stitched: (I, M, W), as `encode_tiled`."""
+        return self.gather(torch.arange(self.shape[1], device=self.done.device).expand(self.shape[0], -1))
+
+    def _ensure(self, wanted: torch.Tensor) -> None:
+        """Encode the tiles `wanted` (I, K) that are not encoded yet, in one encoder batch."""
+        need = wanted & ~self.done
+        images, which = need.nonzero(as_tuple=True)  # (T,) each; one host read, only here
+        if images.numel() == 0:
+            return
+        feats = self._encode(self.pixels[images, which])  # (T, n, W)
+        if self.features is None:
+            i, k2 = self.done.shape
+            self.features = feats.new_zeros(i, k2, *feats.shape[1:])
+        self.features[images, which] = feats
+        self.done |= need
+        self.encoded += images.numel()
+
+
 @torch.no_grad()
 def encode_interpolated(vlm: VLM, pixels: torch.Tensor) -> torch.Tensor:
     """HR features (I, (S/patch)^2, W) in one pass with resampled position embeddings."""
@@ -129,11 +185,12 @@ class HighResMethod(Method):
         return features.hr
 
 
-def tiled_plan(cfg: VLMConfig, hr_size: int) -> tuple[CostPlan, int]:
-    """Cost plan of an LR pass plus k x k native tiles kept beside the sequence, and M."""
+def tiled_plan(cfg: VLMConfig, hr_size: int, tiles: float = 1.0) -> tuple[CostPlan, int]:
+    """Cost plan of an LR pass plus k x k native tiles kept beside the sequence (of which the
+    fraction `tiles` is encoded and projected), and M."""
     native, n = cfg.vision.image_size, cfg.tokens_per_image
     k = hr_size // native
     m = (k * cfg.vision.grid) ** 2
-    plan = CostPlan(image_tokens=n, vision={"vision.lr": (native, 1), "vision.hr": (native, k * k)},
-                    projector_rows=n + m)
+    plan = CostPlan(image_tokens=n, vision={"vision.lr": (native, 1), "vision.hr": (native, tiles * k * k)},
+                    projector_rows=n + tiles * m)
     return plan, m

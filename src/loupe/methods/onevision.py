@@ -296,7 +296,7 @@ class OneVisionFlexAttention(OneVisionMethod, FlexAttention):
         """Blocks (B, R, P, P) -> (B, R, M): the cells of each image's own H x L grid that
         overlap a selected block (`selection.spread`)."""
         b, r, p, _ = blocks.shape
-        m = req.hr.shape[1]
+        m = req.tokens
         out = torch.zeros(b, r, m, dtype=torch.bool, device=blocks.device)
         assert req.hr_grids is not None
         for i, (h, w) in enumerate(req.hr_grids):

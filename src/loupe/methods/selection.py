@@ -104,9 +104,7 @@ def tag_hits(selected: torch.Tensor, boxes: torch.Tensor, grid: int) -> torch.Te
 
 def never_empty(blocks: torch.Tensor, attn: torch.Tensor | None) -> torch.Tensor:
     """Rows with no block keep their most-attended block (or the central one)."""
-    empty = ~blocks.flatten(1).any(1)  # (R,)
-    if not bool(empty.any()):
-        return blocks
+    empty = ~blocks.flatten(1).any(1)  # (R,); no host read: the fallback is cheap, and decode stays on device
     r, p = blocks.shape[0], blocks.shape[1]
     if attn is None:
         best = torch.full((r,), (p // 2) * p + p // 2, device=blocks.device)

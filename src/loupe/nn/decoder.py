@@ -65,6 +65,7 @@ class Rows:
     extra: ExtraKeys | None = None  # columns only these rows see
     columns: torch.Tensor | None = None  # (B, C) key columns whose probabilities are returned (None: all)
     probs_without_extra: bool = False  # the probabilities as if `extra` were absent (same scores)
+    all_valid: bool | None = None  # known on the host: every row is real (None: read `valid`, a host sync)
 
 
 class RMSNorm(nn.Module):
@@ -141,7 +142,8 @@ class SelfAttention(nn.Module):
         extra = rows.extra
         # A decode step whose only row is a chosen row gets its whole output from the
         # explicit path below (with the gate fully open): the fused pass is skipped.
-        only_rows = q.shape[2] == 1 and bool(rows.valid.all()) and (extra is None or extra.gate == 1.0)
+        only_rows = (q.shape[2] == 1 and (extra is None or extra.gate == 1.0)
+                     and (rows.all_valid if rows.all_valid is not None else bool(rows.valid.all())))
         out = None if only_rows else attend(q, k, v, ctx.mask, causal=ctx.causal, kernel=ctx.kernel)[0]
         extra_kv = None if extra is None else (extra.keys, extra.values, extra.mask)
         rows_out, probs = row_attention(gather_rows(q, rows.index), k, v, key_mask, extra_kv,
