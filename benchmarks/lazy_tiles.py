@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
     torch.manual_seed(0)
-    lazy = loupe.from_pretrained(SHIPPED_BASE, "flexattn", dtype=torch.float32)
+    lazy = loupe.from_pretrained(SHIPPED_BASE, "flexattn", dtype=torch.float32, lazy_hr=True)
     every = loupe.from_pretrained(SHIPPED_BASE, "flexattn", dtype=torch.float32, lazy_hr=False)
     tok = Tokenizer.from_folder(SHIPPED_BASE, lazy.cfg.image_token_id)
     with tempfile.TemporaryDirectory() as tmp:

@@ -57,7 +57,7 @@ def test_tile_features_read_the_stitched_grid_and_encode_only_what_is_read(base_
 
 
 def test_lazy_hr_generates_what_encoding_every_tile_does(base_path: Path) -> None:
-    lazy, every = pair(base_path)
+    lazy, every = pair(base_path, lazy_hr=True)
     every.method.options = dataclasses.replace(every.method.options, lazy_hr=False)
     ids, px = prompt_ids(6, 16, seed=2), pixels(2, seed=2, size=HR)
     ids = ids.expand(2, -1)
@@ -73,7 +73,7 @@ def test_lazy_hr_generates_what_encoding_every_tile_does(base_path: Path) -> Non
 def test_a_central_selection_encodes_the_four_tiles_it_touches(base_path: Path) -> None:
     # center, ratio 0.1 on a 4 x 4 pool: block (2, 2) = HR rows/cols 6..8, which straddle
     # tile rows/cols 1 and 2: 4 of the 9 tiles, whatever the attention.
-    model, _ = pair(base_path, strategy="center")
+    model, _ = pair(base_path, strategy="center", lazy_hr=True)
     ids, px = prompt_ids(6, 16, seed=3), pixels(1, seed=3, size=HR)
     with torch.no_grad():
         out = model(ids, px)

@@ -24,7 +24,7 @@ is compact (`HRMemo`: memory grows with the tokens projected, not with the HR gr
 layer attends over its slots under the selection's mask, so a decode step gathers nothing.
 Its one host read per HR layer is how many tokens it must project anew: that count is data,
 and it sizes the projection (a static shape would project a fixed number every step). With
-`lazy_hr` the HR tiles are encoded on first use too (`TileFeatures`), only those a
+`lazy_hr=True` the HR tiles are encoded on first use too (`TileFeatures`), only those a
 selection reads.
 """
 
@@ -75,8 +75,11 @@ class FlexAttnConfig(TiledConfig):
     source: str = "official"  # official: attention without HR columns; paper: first N columns of it
     memoise: bool = True  # project each HR token at most once per request in generation
     # Encode an HR tile the first time a selection reads one of its tokens, only those (beyond
-    # both papers; outputs equal). False: every tile at prefill, as the papers do.
-    lazy_hr: bool = True
+    # both papers; outputs equal). Off by default: on the selections measured so far (the
+    # threshold rule on the synth base, a random budget at 7B shapes) nearly every tile is read
+    # anyway, and encoding them in several batches inside the layer loop cost more wall time
+    # and peak memory than one batch at prefill (docs/benchmarks.md). False: as the papers do.
+    lazy_hr: bool = False
     gate_warmup: float = 10.0  # the official training gate: a = min(1, epoch * gate_warmup)
     # HR features before W'_K, W'_V: "layer" = a per-layer RMSNorm initialised from the layer's
     # input norm (Loupe's default: W_K was trained on normed hidden states, and the projector's
@@ -85,6 +88,10 @@ class FlexAttnConfig(TiledConfig):
 
     # Checkpoints saved before `hr_norm` existed were trained on raw HR features.
     saved_defaults: ClassVar[dict[str, object]] = {"hr_norm": "none"}
+
+    def variant(self, cfg: VLMConfig) -> str:
+        """Labels the cost switches off their defaults (the outputs are the same either way)."""
+        return ", ".join(label for on, label in ((self.lazy_hr, "lazy tiles"), (not self.memoise, "no memo")) if on)
 
     def resolved_first_layer(self, cfg: VLMConfig) -> int:
         return self.first_layer or max(1, round(9 / 32 * cfg.text.num_layers))
