@@ -142,6 +142,8 @@ OPTIONS: list[tuple[list[str], str]] = [
     (["-o", "hr_size=14"], r"hr_size=14 must be larger than the encoder's native size 336"),
     (["-o", "hr_sise=672"], r"option\(s\) \['hr_sise'\] belong to none of the methods \['hd'\]"),
     (["-o", "novalue"], r"option 'novalue' is not KEY=VALUE"),
+    (["--hr-tiles", "0"], r"hr_tiles=0.0 must be in \(0, 1\]: the fraction of HR tiles encoded"),
+    (["--hr-tiles", "1.5"], r"hr_tiles=1.5 must be in \(0, 1\]"),
 ]
 
 

@@ -237,8 +237,8 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--selected-ratio", type=float, default=0.1,
                    help="FlexAttention: fraction of HR tokens selected (paper: about 10%%)")
     p.add_argument("--hr-tiles", type=float, default=1.0,
-                   help="FlexAttention (lazy_hr): fraction of HR tiles encoded, as `loupe bench` measures "
-                        "(default 1: every tile)")
+                   help="FlexAttention with lazy_hr=true: fraction of HR tiles encoded, as `loupe bench` "
+                        "measures (default 1: every tile)")
     p.add_argument("--image-size", default=None, metavar="HxW",
                    help="input image (height x width) for models whose image tokens depend on it (OneVision); "
                         "default: the model's reference size")
