@@ -125,8 +125,8 @@ def test_a_decode_step_reads_the_host_once_per_hr_layer(base_path: Path) -> None
         reads[name] = r.names
     hr_layers = flex.cfg.text.num_layers - flex.method.first
     # In the layer loop one per HR layer (how many tokens to project anew: here none); around
-    # it the gate, the projected count before and after, and the HR token count of the report.
+    # it the gate, and the report's projected fraction.
     extra = list(reads["flex"])
     for name in reads["low"]:
         extra.remove(name)
-    assert len(extra) == hr_layers + 4, reads
+    assert len(extra) == hr_layers + 2, reads

@@ -175,10 +175,6 @@ class HostReads(TorchFunctionMode):
         super().__init__()
         self.names: list[str] = []
 
-    @property
-    def count(self) -> int:
-        return len(self.names)
-
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         name = getattr(func, "__name__", "")
         if name in self.READS or (name in ("__getitem__", "__setitem__") and _bool_index(args[1:2])):

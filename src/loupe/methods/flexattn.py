@@ -363,7 +363,7 @@ class FlexAttention(HighResMethod):
         gate = self.current_gate()
         sel: torch.Tensor | None = None  # (B, R, M) selection made by the previous layer
         report = FlexReport(hr_rows=rows, hr_rows_valid=row_valid)
-        projected_before = req.projected
+        projected_before = req.projected_count  # () on the device; replaced, never written in place
         for i, layer in enumerate(vlm.decoder.layers):
             cache = step.layer_cache(i)
             if i < self.first - 1:
@@ -383,10 +383,18 @@ class FlexAttention(HighResMethod):
                 report.selection[i + 1] = sel
                 report.selected_fraction[i + 1] = _fraction(sel, row_valid, req.hr_valid)
         hr_layers = len(vlm.decoder.layers) - self.first
-        report.projected_fraction = (req.projected - projected_before) / (float(req.hr_valid.sum()) * hr_layers)
+        report.projected_fraction = self._projected_fraction(req, projected_before, hr_layers)
         if isinstance(req.hr, TileFeatures):
             report.tiles_encoded = req.hr.encoded / (req.hr.tiles_per_image * x.shape[0])
         return x, report
+
+    @staticmethod
+    def _projected_fraction(req: FlexState, before: torch.Tensor | None, hr_layers: int) -> float:
+        """HR tokens this call projected / (HR tokens x HR layers), in one host read."""
+        if req.projected_count is None:
+            return 0.0
+        fresh = req.projected_count if before is None else req.projected_count - before
+        return float(fresh / (req.hr_valid.sum() * hr_layers))
 
     def _official(self) -> bool:
         return self.options.source == "official"
