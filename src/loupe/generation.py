@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from loupe.chat import template_for
+from loupe.decode import DecodeMode, cache_capacity, never_image, resolve_mode, stepper
 from loupe.errors import LoupeError
 from loupe.images import load_image
 from loupe.methods import ImageInputs, MethodReport, RunOptions
@@ -70,13 +71,16 @@ def generate(
     images: ImageInputs | None = None,
     run: RunOptions | None = None,
     on_report: Callable[[MethodReport], None] | None = None,
+    decode: DecodeMode = "eager",
 ) -> torch.Tensor:
     """New tokens (B, <= max_new_tokens) after the prompt; rows that stopped are padded
     with their stop token. `on_token` gets each step's tokens (B,) as they come.
     `images`: features already encoded by `model.method.encode` instead of pixels.
     `run`: the method's per-call choices (e.g. `VisorRun(configuration="router")`), for
     every step of the request. `on_report` gets what the method reported at prefill (e.g.
-    the selection fractions, the routing)."""
+    the selection fractions, the routing). `decode`: "eager" (the method's own step),
+    "static" (the same step at static shapes) or "compiled" (that, through `torch.compile`);
+    a method whose step cannot be static decodes eagerly, with a warning (`loupe.decode`)."""
     cfg = sampling or SamplingConfig()
     b, t = input_ids.shape
     limit = model.cfg.text.max_position_embeddings
@@ -87,7 +91,8 @@ def generate(
         check_left_padded(attention_mask)
     gen = torch.Generator(device=model.device).manual_seed(cfg.seed) if cfg.seed is not None else None
     stops = torch.tensor(cfg.stop_tokens or [-1], device=model.device)
-    cache = model.new_cache(b, t + cfg.max_new_tokens)
+    mode = resolve_mode(model, decode)
+    cache = model.new_cache(b, cache_capacity(t + cfg.max_new_tokens, mode))
     input_ids = input_ids.to(model.device)
     attention_mask = attention_mask.to(model.device) if attention_mask is not None else None
     pixels = pixel_values.to(model.device, model.dtype) if pixel_values is not None else None
@@ -98,6 +103,7 @@ def generate(
         on_report(prefill.report)
     check_finite_logits(prefill.logits[:, -1])
     logits = never_image(prefill.logits[:, -1], model.cfg.image_token_id)  # (B, V)
+    step = stepper(model, cache, run, mode)
     done = torch.zeros(b, dtype=torch.bool, device=model.device)
     out: list[torch.Tensor] = []
     for _ in range(cfg.max_new_tokens):
@@ -109,8 +115,7 @@ def generate(
         done |= torch.isin(tok, stops)
         if bool(done.all()) or len(out) == cfg.max_new_tokens:
             break
-        logits = model(tok[:, None], cache=cache, last_only=True, run=run).logits[:, -1]  # (B, V)
-        logits = never_image(logits, model.cfg.image_token_id)
+        logits = step(tok)  # (B, V)
     return torch.stack(out, dim=1)
 
 
@@ -136,15 +141,6 @@ def check_finite_logits(logits: torch.Tensor) -> None:
         raise LoupeError(f"the model's logits are NaN or infinite for prompt row(s) {rows[:8]}: likely causes are a "
                          "config value the weights were not trained with (rms_norm_eps, rope_theta, layer sizes), "
                          "fp16 overflow (use bfloat16), or a prompt row with no unmasked token")
-
-
-def never_image(logits: torch.Tensor, image_token_id: int) -> torch.Tensor:
-    """logits (B, V) with the <image> placeholder never chosen: it stands for image features
-    only a prompt carries, and the next step would read it as an image without any (LLaVA-1.5-hf
-    and OneVision keep it inside the vocabulary; transformers does not mask it)."""
-    if 0 <= image_token_id < logits.shape[-1]:
-        logits[:, image_token_id] = float("-inf")  # in place: these logits are read only here
-    return logits
 
 
 def answer(model: VLM, tok: Tokenizer, image: str | os.PathLike[str], question: str, sampling: SamplingConfig,

@@ -44,6 +44,7 @@ from loupe.errors import ConfigError, LoupeError
 from loupe.flops import CostPlan, Workload
 from loupe.nn.decoder import AttnContext
 from loupe.nn.kv_cache import DecoderCache, LayerCache
+from loupe.nn.static import StaticStep
 from loupe.nn.tokens import TokenSet
 from loupe.schema import check
 
@@ -270,6 +271,32 @@ class Method(nn.Module):
         for i, layer in enumerate(vlm.decoder.layers):
             x = layer(x, step.ctx, step.layer_cache(i))
         return x, MethodReport()
+
+    # ---- the decode step at static shapes (`loupe.nn.static`, `generate(..., decode="compiled")`) ----
+    def static_decode(self) -> str | None:
+        """Why this method's decode step cannot run at static shapes; None: it can.
+
+        The plain layer loop can. A method that gives its own `run_layers` must give the
+        static form of its decode step too (`decode_layers`, and `decode_keys` where its layers
+        cache different columns), or it is refused here, never misrun."""
+        cls = type(self)
+        if cls.run_layers is not Method.run_layers and cls.decode_layers is Method.decode_layers:
+            return f"method {self.name!r} has its own layer loop and no static form of its decode step"
+        return None
+
+    def decode_layers(self, vlm: VLM, x: torch.Tensor, step: StaticStep) -> torch.Tensor:
+        """One decode row (B, 1, W) through the layers at static shapes; `run_layers`'s decode step."""
+        for i, layer in enumerate(vlm.decoder.layers):
+            x = layer(x, step.ctx(i), step.layer_cache(i))
+        return x
+
+    def decode_keys(self, cache: DecoderCache, i: int) -> torch.Tensor:
+        """(B, length_i): which of the columns layer i has cached its next decode row may see
+        (the key validity of the cache segment layer i belongs to)."""
+        segment = max((s for s in cache.segments if s.first_layer <= i), key=lambda s: s.first_layer)
+        if segment.key_valid is None:
+            raise LoupeError("the cache is empty: run the prefill first")
+        return segment.key_valid
 
     def check_run(self, run: RunOptions | None) -> None:
         """Refuse run options of another method."""

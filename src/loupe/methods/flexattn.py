@@ -356,6 +356,10 @@ class FlexAttention(HighResMethod):
         return ImageInputs(lr, hr=TileFeatures(vlm, pixel_values), image_sizes=sizes)
 
     # ---- layer loop -----------------------------------------------------------------
+    def static_decode(self) -> str | None:
+        return ("flexattn's decode step projects the HR tokens its selection reaches for the first time: how many "
+                "is data, so the step's shapes change with it (see HRMemo)")
+
     def run_layers(self, vlm: VLM, x: torch.Tensor, step: Step) -> tuple[torch.Tensor, FlexReport]:
         req = self._request(vlm, step, x.shape[0])
         boxes = self._oracle_boxes(step)

@@ -80,7 +80,8 @@ from loupe.methods.highres import HighResMethod, TiledConfig, tiled_plan
 from loupe.methods.visionzip import VisionZipConfig, tiled_crops, zip_flops, zipped_tiles
 from loupe.nn.decoder import DecoderLayer, RMSNorm
 from loupe.nn.fusion import CrossAttention, FusedLayer
-from loupe.nn.kv_cache import LayerCache
+from loupe.nn.kv_cache import DecoderCache, LayerCache
+from loupe.nn.static import StaticStep
 
 if TYPE_CHECKING:
     from loupe.vlm import VLM
@@ -381,6 +382,31 @@ class Visor(HighResMethod):
         if step.images is not None:
             report.sa, report.sa_layers = streams.sa, streams.sa.sum(-1)  # (B, L), (B,)
         return self._merge(t, v, streams, x), report
+
+    def decode_layers(self, vlm: VLM, x: torch.Tensor, step: StaticStep) -> torch.Tensor:
+        """A decode row is text: each layer over the columns it caches (`decode_keys`: a joint
+        layer's visual columns are hidden from the samples that skip it), CA first where there is one."""
+        state = step.state
+        if not isinstance(state, VisorState):
+            raise LoupeError("visor needs an image: pass pixel_values (or encoded images) with the prompt")
+        for i, layer in enumerate(vlm.decoder.layers):
+            if str(i) in self.cross:
+                ca = partial(self.cross[str(i)], kv=state.ca_kv[i], kernel=step.kernel)
+                x = FusedLayer(layer, ca, "input")(x, step.ctx(i), step.layer_cache(i))
+            else:
+                x = layer(x, step.ctx(i), step.layer_cache(i))
+        return x
+
+    def decode_keys(self, cache: DecoderCache, i: int) -> torch.Tensor:
+        """A joint layer caches every column (visual ones hidden from samples that do not run it
+        as SA); a text-only layer caches the text columns alone."""
+        state = cache.method_state
+        key_valid = cache.key_valid
+        if not isinstance(state, VisorState) or key_valid is None:
+            raise LoupeError("visor decodes after its prefill: the cache holds no VISOR request")
+        if state.joint[i]:
+            return key_valid & ~(state.visual_cols & ~state.sa[:, i, None])  # (B, Tk)
+        return key_valid[~state.visual_cols].view(key_valid.shape[0], -1)  # (B, Tt)
 
     def _fused(self, i: int, layer: DecoderLayer, v: torch.Tensor, state: VisorState | None,
                step: Step) -> FusedLayer:

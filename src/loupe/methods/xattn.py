@@ -11,6 +11,7 @@ opens it. New weights live under `method.cross.N`, base weights are untouched.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, ClassVar
@@ -32,7 +33,11 @@ from loupe.methods.base import (
     register,
 )
 from loupe.methods.highres import HighResMethod, TiledConfig, tiled_plan
+from loupe.nn.attention import Kernel
+from loupe.nn.decoder import AttnContext
 from loupe.nn.fusion import CrossAttention, FusedLayer
+from loupe.nn.kv_cache import KVStore
+from loupe.nn.static import StaticStep
 
 if TYPE_CHECKING:
     from loupe.vlm import VLM
@@ -66,10 +71,20 @@ class XAttn(HighResMethod):
 
     def run_layers(self, vlm: VLM, x: torch.Tensor, step: Step) -> tuple[torch.Tensor, MethodReport]:
         state = self._keys_values(step, x.shape[0])
+        return self._layers(vlm, x, state, lambda i: step.ctx, step.layer_cache, step.ctx.kernel), MethodReport()
+
+    def decode_layers(self, vlm: VLM, x: torch.Tensor, step: StaticStep) -> torch.Tensor:
+        if not isinstance(step.state, XAttnState):
+            raise LoupeError("xattn needs an image: pass pixel_values (or encoded images) with the prompt")
+        return self._layers(vlm, x, step.state, step.ctx, step.layer_cache, step.kernel)
+
+    def _layers(self, vlm: VLM, x: torch.Tensor, state: XAttnState, ctx: Callable[[int], AttnContext],
+                cache: Callable[[int], KVStore | None], kernel: Kernel) -> torch.Tensor:
+        """Each layer with its cross-attention after self-attention; `ctx(i)`, `cache(i)`: layer i's."""
         for i, layer in enumerate(vlm.decoder.layers):
-            cross = partial(self.cross[i], kv=state.kv[i], kernel=step.ctx.kernel, mask=state.mask)
-            x = FusedLayer(layer, cross, "attention")(x, step.ctx, step.layer_cache(i))
-        return x, MethodReport()
+            cross = partial(self.cross[i], kv=state.kv[i], kernel=kernel, mask=state.mask)
+            x = FusedLayer(layer, cross, "attention")(x, ctx(i), cache(i))
+        return x
 
     def _keys_values(self, step: Step, batch: int) -> XAttnState:
         """Per-layer HR keys/values: projected at prefill, reused from the cache afterwards."""

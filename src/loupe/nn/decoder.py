@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from loupe.config import TextConfig
 from loupe.nn.attention import Kernel, attend, row_attention, row_key_mask
-from loupe.nn.kv_cache import LayerCache
+from loupe.nn.kv_cache import KVStore
 from loupe.nn.rope import Rope
 
 T = TypeVar("T")
@@ -121,14 +121,14 @@ class SelfAttention(nn.Module):
         v = self.heads(self.v_proj(x), self.num_kv_heads)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: AttnContext, cache: KVStore | None = None) -> torch.Tensor:
         q, k, v = self.qkv(x, ctx.rope)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, G, Tk, D)
         out, _ = attend(q, k, v, ctx.mask, causal=ctx.causal, kernel=ctx.kernel)  # (B, H, T, D)
         return self.o_proj(self.merge(out))  # (B, T, E)
 
-    def forward_rows(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache | None,
+    def forward_rows(self, x: torch.Tensor, ctx: AttnContext, cache: KVStore | None,
                      rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of every row, with the chosen rows recomputed explicitly (and, with
         `rows.extra`, over extra columns too). Returns the output (B, T, E) and the chosen
@@ -191,38 +191,38 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: AttnContext, cache: KVStore | None = None) -> torch.Tensor:
         return self._run(self._layer, x, ctx, cache)
 
-    def forward_rows(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache | None,
+    def forward_rows(self, x: torch.Tensor, ctx: AttnContext, cache: KVStore | None,
                      rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer with chosen rows recomputed explicitly (see `SelfAttention.forward_rows`);
         returns the new hidden states and those rows' attention probabilities."""
         return self._run(self._layer_rows, x, ctx, cache, rows)
 
-    def attention_residual(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache | None = None) -> torch.Tensor:
+    def attention_residual(self, x: torch.Tensor, ctx: AttnContext, cache: KVStore | None = None) -> torch.Tensor:
         return self._attention_residual(x, ctx, cache)
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._feed_forward(x)
 
     # ---- the computation ------------------------------------------------------------
-    def _run(self, fn: Callable[..., T], x: torch.Tensor, ctx: AttnContext, cache: LayerCache | None,
+    def _run(self, fn: Callable[..., T], x: torch.Tensor, ctx: AttnContext, cache: KVStore | None,
              *rest: object) -> T:
         # Recompute only in a training forward without a cache (a cache is written in place).
         if self.checkpointed and self.training and cache is None and torch.is_grad_enabled():
             return checkpoint(fn, x, ctx, cache, *rest, use_reentrant=False)
         return fn(x, ctx, cache, *rest)
 
-    def _layer(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache | None) -> torch.Tensor:
+    def _layer(self, x: torch.Tensor, ctx: AttnContext, cache: KVStore | None) -> torch.Tensor:
         return self._feed_forward(self._attention_residual(x, ctx, cache))
 
-    def _layer_rows(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache | None,
+    def _layer_rows(self, x: torch.Tensor, ctx: AttnContext, cache: KVStore | None,
                     rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
         attn, probs = self.self_attn.forward_rows(self.input_layernorm(x), ctx, cache, rows)
         return self._feed_forward(x + attn), probs
 
-    def _attention_residual(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache | None) -> torch.Tensor:
+    def _attention_residual(self, x: torch.Tensor, ctx: AttnContext, cache: KVStore | None) -> torch.Tensor:
         return x + self.self_attn(self.input_layernorm(x), ctx, cache)
 
     def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from torch import nn
 from loupe.config import TextConfig
 from loupe.nn.attention import Kernel, attend
 from loupe.nn.decoder import AttnContext, DecoderLayer, RMSNorm
-from loupe.nn.kv_cache import LayerCache
+from loupe.nn.kv_cache import KVStore
 
 Sublayer = Callable[[torch.Tensor], torch.Tensor]  # rows (B, T, W) -> residual update (B, T, W)
 Where = Literal["input", "attention"]
@@ -79,7 +79,7 @@ class FusedLayer:
         """x plus the sublayer's residual update."""
         return x + self.sublayer(x)
 
-    def __call__(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, ctx: AttnContext, cache: KVStore | None = None) -> torch.Tensor:
         if self.where == "input":
             return self.layer(self.fuse(x), ctx, cache)
         x = self.layer.attention_residual(x, ctx, cache)

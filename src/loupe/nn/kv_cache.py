@@ -14,10 +14,20 @@ token's RoPE position is, is kept per `Segment`: a run of layers that sees one t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from loupe.errors import LoupeError
+
+
+class KVStore(Protocol):
+    """What a layer's attention writes its new keys/values to and reads all of them from:
+    `LayerCache` (a growing prefix) or `loupe.nn.static.StaticLayerCache` (whole buffers)."""
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, G, T, D); return every key/value the layer attends over (B, G, Tk, D)."""
+        ...
 
 
 class LayerCache:

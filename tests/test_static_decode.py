@@ -1,0 +1,153 @@
+"""The decode step at static shapes (gpt-fast's recipe) against each method's own eager step:
+the same tokens and the same logits step by step, on a left-padded batch of different images;
+`torch.compile` of it against it; the methods whose step cannot be static refused with one
+warning and decoded eagerly."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import loupe
+from loupe.decode import CAPACITY_STEP, cache_capacity, compiled_step, stepper
+from loupe.errors import LoupeError
+from loupe.generation import SamplingConfig, generate
+from loupe.methods import method_options
+from loupe.nn.static import StaticStep
+from loupe.tiny import init_random_, tiny_config
+
+CFG = tiny_config(layers=4)  # GQA 4/2 heads, 16 LR tokens per image
+HR = 112
+METHODS = {  # every method whose decode step is static, at options that make its extra parts matter
+    "lowres": {},
+    "hd": dict(hr_size=HR),
+    "xattn": dict(hr_size=HR),
+    "visor [min]": dict(hr_size=HR, ca_layers=[0, 2], sa_layers=[1, 3], configuration="min"),
+    "visor [router]": dict(hr_size=HR, ca_layers=[0, 2], sa_layers=[1, 3], configuration="router"),
+    "visionzip": dict(dominant=6, contextual=2),
+}
+
+
+def model_for(label: str, seed: int = 0) -> loupe.VLM:
+    torch.manual_seed(seed)
+    model = loupe.VLM(CFG, method_options(label.split()[0], **METHODS[label]))
+    init_random_(model, std=0.15)
+    with torch.no_grad():  # open every gate a converted model starts closed, so the added layers count
+        for name, p in model.method.named_parameters():
+            p.copy_(torch.full_like(p, 0.7) if name.endswith("gate") else p)
+    return model.eval()
+
+
+def batch(model: loupe.VLM, lengths: tuple[int, ...] = (5, 9), seed: int = 1
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded prompts (B, T) with an image block after two text tokens; ids, mask, pixels."""
+    g = torch.Generator().manual_seed(seed)
+    n = model.method.tokens_per_image()
+    t = max(lengths) + n
+    ids, mask = torch.zeros(len(lengths), t, dtype=torch.long), torch.zeros(len(lengths), t, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        text = torch.randint(5, 200, (length,), generator=g)
+        seq = torch.cat([text[:2], torch.full((n,), CFG.image_token_id), text[2:]])
+        ids[row, t - len(seq):], mask[row, t - len(seq):] = seq, 1
+    size = model.method.image_size()
+    return ids, mask, torch.randn(len(lengths), 3, size, size, generator=g)
+
+
+@torch.inference_mode()
+def step_logits(model: loupe.VLM, mode: str, tokens: torch.Tensor, fn=None) -> torch.Tensor:
+    """Logits (S, B, V) of decode steps fed `tokens` (B, S) after one prefill."""
+    ids, mask, px = batch(model)
+    cache = model.new_cache(ids.shape[0], cache_capacity(ids.shape[1] + tokens.shape[1] + 1, mode))
+    model(ids, px, mask, cache=cache, last_only=True)
+    if fn is None:
+        step = stepper(model, cache, None, mode)
+    else:  # a given static-step function (the compiled one)
+        static = StaticStep.from_prefill(cache, lambda i: model.method.decode_keys(cache, i), model.kernel,
+                                         stepper_rope(model))
+        def step(tok: torch.Tensor) -> torch.Tensor:
+            return fn(model, tok, static)
+    return torch.stack([step(tokens[:, s].clone()).clone() for s in range(tokens.shape[1])])  # inference tensors in
+
+
+def stepper_rope(model: loupe.VLM):
+    from loupe.nn.tokens import RopeSpec
+    return RopeSpec(CFG.text.head_dim, CFG.text.rope_theta, model.dtype).at
+
+
+@pytest.mark.parametrize("label", list(METHODS))
+def test_static_step_equals_the_eager_step(label: str) -> None:
+    model = model_for(label)
+    assert model.method.static_decode() is None
+    tokens = torch.randint(5, 200, (2, 6), generator=torch.Generator().manual_seed(3))
+    eager, static = step_logits(model, "eager", tokens), step_logits(model, "static", tokens)
+    assert eager[eager.isfinite()].std() > 0.1  # the logits are informative, not a constant both paths could agree on
+    torch.testing.assert_close(static, eager, rtol=1e-4, atol=1e-5)
+    ids, mask, px = batch(model)
+    cfg = SamplingConfig(max_new_tokens=8)
+    assert generate(model, ids, px, mask, cfg, decode="static").tolist() == \
+        generate(model, ids, px, mask, cfg).tolist()
+
+
+def test_static_batch_equals_per_sample() -> None:
+    """Rows of a left-padded static batch decode as each prompt alone (its own capacity too)."""
+    model = model_for("visor [router]")
+    ids, mask, px = batch(model)
+    cfg = SamplingConfig(max_new_tokens=8)
+    both = generate(model, ids, px, mask, cfg, decode="static")
+    for row in range(2):
+        real = mask[row].bool()
+        alone = generate(model, ids[row : row + 1, real], px[row : row + 1], sampling=cfg, decode="static")
+        assert alone[0].tolist() == both[row].tolist()
+
+
+@pytest.mark.parametrize("label", ["lowres", "visor [router]"])
+def test_compiled_step_equals_the_static_step(label: str) -> None:
+    """The step `torch.compile` captures whole (fullgraph: no break, so no host sync) computes
+    what the static step does, and one graph serves every step of the request."""
+    torch._dynamo.reset()
+    model = model_for(label)
+    tokens = torch.randint(5, 200, (2, 5), generator=torch.Generator().manual_seed(4))
+    static = step_logits(model, "static", tokens)
+    compiled = step_logits(model, "compiled", tokens, fn=compiled_step())
+    torch.testing.assert_close(compiled, static, rtol=1e-4, atol=1e-5)
+    ids, mask, px = batch(model)
+    cfg = SamplingConfig(max_new_tokens=6)
+    assert generate(model, ids, px, mask, cfg, decode="compiled").tolist() == \
+        generate(model, ids, px, mask, cfg).tolist()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # 11 steps, 2 requests: one graph
+
+
+def test_a_step_that_cannot_be_static_decodes_eagerly_with_one_warning() -> None:
+    torch.manual_seed(0)
+    model = loupe.VLM(CFG, method_options("flexattn", hr_size=HR)).eval()
+    init_random_(model, std=0.15)
+    reason = model.method.static_decode()
+    assert reason is not None and "data" in reason
+    fastv = loupe.VLM(CFG, method_options("fastv", k=1, ratio=0.5))
+    assert "no static form" in fastv.method.static_decode()
+    ids, mask, px = batch(model)
+    cfg = SamplingConfig(max_new_tokens=4)
+    eager = generate(model, ids, px, mask, cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's default: each warning once per place
+        first = generate(model, ids, px, mask, cfg, decode="compiled")
+        generate(model, ids, px, mask, cfg, decode="compiled")
+    said = [str(w.message) for w in caught if "decoding eagerly" in str(w.message)]
+    assert len(said) == 1 and "flexattn" in said[0], said
+    assert first.tolist() == eager.tolist()
+
+
+def test_bad_decode_mode_and_a_full_cache_are_refused() -> None:
+    model = model_for("lowres")
+    ids, mask, px = batch(model)
+    with pytest.raises(LoupeError, match="decode='fast'"):
+        generate(model, ids, px, mask, SamplingConfig(max_new_tokens=2), decode="fast")  # type: ignore[arg-type]
+    cache = model.new_cache(2, ids.shape[1])
+    with torch.inference_mode():
+        model(ids, px, mask, cache=cache)
+    with pytest.raises(LoupeError, match="cache is full"):
+        stepper(model, cache, None, "static")
+    assert cache_capacity(1, "static") == CAPACITY_STEP and cache_capacity(CAPACITY_STEP + 1, "eager") == \
+        CAPACITY_STEP + 1
