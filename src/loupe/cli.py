@@ -16,6 +16,7 @@ import torch
 
 from loupe.checkpoints import convert, from_pretrained, model_info
 from loupe.cost import CONVENTIONS, PRESETS, preset
+from loupe.decode import DecodeMode
 from loupe.distributed import check_device
 from loupe.errors import Interrupted, LoupeError
 from loupe.files import check_writable, write_json
@@ -88,6 +89,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--compile", action="store_true",
+                   help="decode with static shapes through torch.compile (gpt-fast's recipe; the first call compiles); "
+                        "a method whose step cannot be static decodes eagerly, with a warning")
     p.set_defaults(run=cmd_generate)
 
 
@@ -154,10 +158,10 @@ def _load(args: argparse.Namespace) -> VLM:
 
 
 def run_generation(model: VLM, tok: Tokenizer, image_path: str, prompt: str, sampling: SamplingConfig,
-                   run: RunOptions | None = None, overlay: str | None = None) -> str:
+                   run: RunOptions | None = None, overlay: str | None = None, decode: DecodeMode = "eager") -> str:
     reports: list[MethodReport] = []
     text = answer(model, tok, image_path, prompt, sampling, run, on_token=stream_printer(tok),
-                  on_report=reports.append)
+                  on_report=reports.append, decode=decode)
     print()
     if overlay:
         from loupe import viz
@@ -184,7 +188,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tok = Tokenizer.from_folder(args.model, model.cfg.image_token_id)
     stops = [tok.eos_id] if tok.eos_id is not None else model.cfg.text.eos_token_ids
     sampling = dataclasses.replace(sampling, stop_tokens=stops)
-    run_generation(model, tok, args.image, args.prompt, sampling, run, args.overlay)
+    run_generation(model, tok, args.image, args.prompt, sampling, run, args.overlay,
+                   "compiled" if args.compile else "eager")
     return 0
 
 

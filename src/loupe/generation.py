@@ -145,14 +145,14 @@ def check_finite_logits(logits: torch.Tensor) -> None:
 
 def answer(model: VLM, tok: Tokenizer, image: str | os.PathLike[str], question: str, sampling: SamplingConfig,
            run: RunOptions | None = None, on_token: Callable[[torch.Tensor], None] | None = None,
-           on_report: Callable[[MethodReport], None] | None = None) -> str:
+           on_report: Callable[[MethodReport], None] | None = None, decode: DecodeMode = "eager") -> str:
     """The answer to `question` about the image file `image`, in the model's chat template (the
     image's original size passed along: methods zero its square-padding margin, OneVision
     chooses its tile grid by it)."""
     images = model.prepare_images([load_image(image)])
     ids, mask = tok.pad_left([template_for(model.cfg).prompt_ids(question, tok, images.tokens)])
     out = generate(model, ids, images.pixel_values, mask, sampling, on_token=on_token,
-                   image_sizes=images.image_sizes, run=run, on_report=on_report)
+                   image_sizes=images.image_sizes, run=run, on_report=on_report, decode=decode)
     return tok.decode([t for t in out[0].tolist() if t not in sampling.stop_tokens])
 
 
