@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,26 @@ def test_convert_then_generate_end_to_end(tiny: Path, tmp_path: Path, method: st
     assert main(["generate", "--model", str(dst), "--image", str(image), "--prompt", "What?",
                  "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("method", ["visor", "flexattn"])
+def test_generate_compile_streams_what_eager_does(tiny: Path, tmp_path: Path, method: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """`loupe generate --compile`: the same answer; a method without a static step says so once."""
+    dst = tmp_path / method
+    assert main(["convert", str(tiny), str(dst), "--method", method, *OPTIONS[method]]) == 0
+    image = tmp_path / "img.png"
+    Image.new("RGB", (150, 90), (30, 60, 90)).save(image)
+    run = ["generate", "--model", str(dst), "--image", str(image), "--prompt", "What?", "--max-new-tokens", "5"]
+    capsys.readouterr()
+    assert main(run) == 0
+    eager = capsys.readouterr().out
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main([*run, "--compile"]) == 0
+    assert capsys.readouterr().out == eager and eager.strip()
+    said = [str(w.message) for w in caught if "decoding eagerly" in str(w.message)]
+    assert len(said) == (method == "flexattn"), said
 
 
 def write_release(model: loupe.VLM, llm: Path, clip: Path) -> None:
