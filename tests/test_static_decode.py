@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import loupe
-from loupe.decode import CAPACITY_STEP, cache_capacity, compiled_step, stepper
+from loupe.decode import CAPACITY_STEP, cache_capacity, stepper
 from loupe.errors import LoupeError
 from loupe.generation import SamplingConfig, generate
 from loupe.methods import method_options
-from loupe.nn.static import StaticStep
+from loupe.methods.visor import VisorRun
 from loupe.tiny import init_random_, tiny_config
 
 CFG = tiny_config(layers=4)  # GQA 4/2 heads, 16 LR tokens per image
@@ -26,8 +26,13 @@ METHODS = {  # every method whose decode step is static, at options that make it
     "xattn": dict(hr_size=HR),
     "visor [min]": dict(hr_size=HR, ca_layers=[0, 2], sa_layers=[1, 3], configuration="min"),
     "visor [router]": dict(hr_size=HR, ca_layers=[0, 2], sa_layers=[1, 3], configuration="router"),
+    "visor [max]": dict(hr_size=HR, ca_layers=[0, 2], sa_layers=[1, 3], configuration="max"),
+    "visor [per sample]": dict(hr_size=HR, ca_layers=[0, 2], sa_layers=[1, 3]),
     "visionzip": dict(dominant=6, contextual=2),
 }
+
+# VISOR with each sample's own SA layers: its joint layers hide the visual keys from one sample only
+RUNS = {"visor [per sample]": VisorRun(configurations=[[1], [1, 3]])}
 
 
 def model_for(label: str, seed: int = 0) -> loupe.VLM:
@@ -56,24 +61,13 @@ def batch(model: loupe.VLM, lengths: tuple[int, ...] = (5, 9), seed: int = 1
 
 
 @torch.inference_mode()
-def step_logits(model: loupe.VLM, mode: str, tokens: torch.Tensor, fn=None) -> torch.Tensor:
+def step_logits(model: loupe.VLM, label: str, mode: str, tokens: torch.Tensor) -> torch.Tensor:
     """Logits (S, B, V) of decode steps fed `tokens` (B, S) after one prefill."""
     ids, mask, px = batch(model)
     cache = model.new_cache(ids.shape[0], cache_capacity(ids.shape[1] + tokens.shape[1] + 1, mode))
-    model(ids, px, mask, cache=cache, last_only=True)
-    if fn is None:
-        step = stepper(model, cache, None, mode)
-    else:  # a given static-step function (the compiled one)
-        static = StaticStep.from_prefill(cache, lambda i: model.method.decode_keys(cache, i), model.kernel,
-                                         stepper_rope(model))
-        def step(tok: torch.Tensor) -> torch.Tensor:
-            return fn(model, tok, static)
+    model(ids, px, mask, cache=cache, last_only=True, run=RUNS.get(label))
+    step = stepper(model, cache, RUNS.get(label), mode)
     return torch.stack([step(tokens[:, s].clone()).clone() for s in range(tokens.shape[1])])  # inference tensors in
-
-
-def stepper_rope(model: loupe.VLM):
-    from loupe.nn.tokens import RopeSpec
-    return RopeSpec(CFG.text.head_dim, CFG.text.rope_theta, model.dtype).at
 
 
 @pytest.mark.parametrize("label", list(METHODS))
@@ -81,28 +75,31 @@ def test_static_step_equals_the_eager_step(label: str) -> None:
     model = model_for(label)
     assert model.method.static_decode() is None
     tokens = torch.randint(5, 200, (2, 6), generator=torch.Generator().manual_seed(3))
-    eager, static = step_logits(model, "eager", tokens), step_logits(model, "static", tokens)
+    eager, static = step_logits(model, label, "eager", tokens), step_logits(model, label, "static", tokens)
     assert eager[eager.isfinite()].std() > 0.1  # the logits are informative, not a constant both paths could agree on
     torch.testing.assert_close(static, eager, rtol=1e-4, atol=1e-5)
     ids, mask, px = batch(model)
     cfg = SamplingConfig(max_new_tokens=8)
-    assert generate(model, ids, px, mask, cfg, decode="static").tolist() == \
-        generate(model, ids, px, mask, cfg).tolist()
+    run = RUNS.get(label)
+    assert generate(model, ids, px, mask, cfg, run=run, decode="static").tolist() == \
+        generate(model, ids, px, mask, cfg, run=run).tolist()
 
 
 def test_static_batch_equals_per_sample() -> None:
-    """Rows of a left-padded static batch decode as each prompt alone (its own capacity too)."""
-    model = model_for("visor [router]")
+    """Rows of a left-padded static batch, each with its own SA layers, decode as each prompt
+    alone (at its own capacity too)."""
+    model = model_for("visor [per sample]")
     ids, mask, px = batch(model)
-    cfg = SamplingConfig(max_new_tokens=8)
-    both = generate(model, ids, px, mask, cfg, decode="static")
+    cfg, configurations = SamplingConfig(max_new_tokens=8), RUNS["visor [per sample]"].configurations
+    both = generate(model, ids, px, mask, cfg, run=RUNS["visor [per sample]"], decode="static")
     for row in range(2):
         real = mask[row].bool()
-        alone = generate(model, ids[row : row + 1, real], px[row : row + 1], sampling=cfg, decode="static")
+        alone = generate(model, ids[row : row + 1, real], px[row : row + 1], sampling=cfg, decode="static",
+                         run=VisorRun(configurations=configurations[row : row + 1]))
         assert alone[0].tolist() == both[row].tolist()
 
 
-@pytest.mark.parametrize("label", ["lowres", "visor [router]"])
+@pytest.mark.parametrize("label", ["lowres", "visor [per sample]"])
 def test_compiled_step_equals_the_static_step(label: str) -> None:
     """The step `torch.compile` captures whole (fullgraph: no break, so no host sync) computes
     what the static step does, and one graph serves every step of the request."""
@@ -110,13 +107,14 @@ def test_compiled_step_equals_the_static_step(label: str) -> None:
     before = graphs()
     model = model_for(label)
     tokens = torch.randint(5, 200, (2, 5), generator=torch.Generator().manual_seed(4))
-    static = step_logits(model, "static", tokens)
-    compiled = step_logits(model, "compiled", tokens, fn=compiled_step())
+    static = step_logits(model, label, "static", tokens)
+    compiled = step_logits(model, label, "compiled", tokens)
     torch.testing.assert_close(compiled, static, rtol=1e-4, atol=1e-5)
     ids, mask, px = batch(model)
     cfg = SamplingConfig(max_new_tokens=6)
-    assert generate(model, ids, px, mask, cfg, decode="compiled").tolist() == \
-        generate(model, ids, px, mask, cfg).tolist()
+    run = RUNS.get(label)
+    assert generate(model, ids, px, mask, cfg, run=run, decode="compiled").tolist() == \
+        generate(model, ids, px, mask, cfg, run=run).tolist()
     assert graphs() - before == 1  # 11 steps of 2 requests: one graph
 
 
