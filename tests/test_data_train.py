@@ -281,6 +281,13 @@ def test_shipped_base_is_verified_by_hash(tmp_path: Path, capsys: pytest.Capture
     assert manifest["command"].startswith("loupe reproduce --stage base") and manifest["seconds"] > 0
     assert manifest["machine"]["cpu"] and set(manifest["files"]) >= {"config.json", "model.safetensors"}
     assert sum(p.stat().st_size for p in SHIPPED_BASE.iterdir()) <= 25_000_000
+    # the shipped base is what this code's recipe and benchmark make: a changed recipe or
+    # scene generator without a remade base fails here
+    from dataclasses import asdict
+
+    from loupe.reproduce import FULL, SCENES
+    assert manifest["train"] == json.loads(json.dumps(asdict(FULL.base)))
+    assert manifest["synth"] == json.loads(json.dumps(asdict(SCENES))) and manifest["scenes"] == FULL.base_scenes
     copy = tmp_path / "base"
     shutil.copytree(SHIPPED_BASE, copy)
     weights = bytearray((copy / "model.safetensors").read_bytes())
