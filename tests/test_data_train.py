@@ -287,6 +287,7 @@ def test_shipped_base_is_verified_by_hash(tmp_path: Path, capsys: pytest.Capture
 
     from loupe.reproduce import FULL, SCENES
     assert manifest["train"] == json.loads(json.dumps(asdict(FULL.base)))
+    assert manifest["reading"] == json.loads(json.dumps([asdict(c) for c in FULL.reading])) and FULL.reading
     assert manifest["synth"] == json.loads(json.dumps(asdict(SCENES))) and manifest["scenes"] == FULL.base_scenes
     copy = tmp_path / "base"
     shutil.copytree(SHIPPED_BASE, copy)
@@ -317,8 +318,25 @@ def test_reproduce_stage_base_writes_a_verifiable_base(tmp_path: Path, capsys: p
     assert manifest["seed"] == 2 and manifest["train"]["steps"] == 12
     log = [json.loads(line) for line in (out / "base" / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 12
+    for k in range(2):  # the reading stages ran first, each for its own steps
+        read = (out / "base" / f"read{k}" / "train_log.jsonl").read_text().splitlines()
+        assert json.loads(read[-1])["step"] == 10
+    assert manifest["reading"][0]["steps"] == 10
     assert 0 <= manifest["val_accuracy"]["easy"] <= 100 and not (out / "results.json").exists()
     assert "validation accuracy easy" in capsys.readouterr().out
+
+
+def test_reading_stages_train_on_crop_pattern_questions_one_turn_each(tmp_path: Path) -> None:
+    from loupe.reproduce import READING, reading_turns
+    write_dataset(tmp_path, 6, seed=0, progress=False, splits=("train",))
+    examples = read_llava(tmp_path / "train.json")
+    short, both = (reading_turns(examples, formats) for formats in READING)
+    crops = [ex for ex in examples if ex.meta.get("crop") and not ex.meta.get("caption")]
+    patterns = [m for ex in crops for m in ex.meta["turns"] if m["type"] == "pattern"]
+    assert len(both) == len(patterns) > len(short) > 0  # every crop pattern question; short ones first
+    assert all(len(t.turns) == 1 and t.meta["type"] == "pattern" and t.meta.get("crop") for t in both)
+    assert {t.meta["format"] for t in short} == {"short"} and {t.meta["format"] for t in both} == {"short", "mc"}
+    assert all(t.image is not None and "What pattern" in t.turns[0][0] for t in both)  # each one keeps its image
 
 
 def test_seed_summary_gives_mean_spread_and_claims_per_seed() -> None:
