@@ -187,7 +187,8 @@ def train_base(out: Path, examples: Sequence[Example], tok: Tokenizer, plan: Pla
     torch.manual_seed(seed)
     model = init_random_(VLM(synth_tiny_config(tok.inner.get_vocab_size())), std=INIT_STD)
     assert isinstance(model, VLM)
-    stages = [(f"read{k}", reading_turns(examples, READING[k]), cfg) for k, cfg in enumerate(plan.reading)]
+    stages = [(f"read{k}", reading_turns(examples, formats), cfg)
+              for k, (formats, cfg) in enumerate(zip(READING, plan.reading, strict=True))]
     for name, data, cfg in [*stages, ("", list(examples), plan.base)]:
         samples, paths = tokenize(data, tok, model)
         images = PixelImages(paths, NATIVE, progress)
