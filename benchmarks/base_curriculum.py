@@ -29,7 +29,7 @@ from loupe.data.llava import Example, read_llava
 from loupe.data.synthetic import write_dataset
 from loupe.files import write_atomic, write_json
 from loupe.recipe import load_recipe, train_config
-from loupe.reproduce import INIT_STD, NATIVE, SCENES, dataset_tokenizer
+from loupe.reproduce import INIT_STD, NATIVE, READING, SCENES, dataset_tokenizer, reading_turns
 from loupe.tiny import init_random_, synth_tiny_config
 from loupe.train import InMemory, PixelImages, TrainConfig, train
 from loupe.visor_train import single_turns
@@ -45,8 +45,8 @@ def _turns(keep: Callable[[dict[str, Any]], bool]) -> Callable[[list[Example]], 
 # Stage name -> the slice of the base's training records it trains on.
 STAGES: dict[str, Callable[[list[Example]], list[Example]]] = {
     "mix": lambda examples: list(examples),  # everything, as the base's last stage
-    "read-short": _turns(lambda m: bool(m.get("crop")) and m["type"] == "pattern" and m["format"] == "short"),
-    "read": _turns(lambda m: bool(m.get("crop")) and m["type"] == "pattern"),
+    "read-short": lambda examples: reading_turns(examples, READING[0]),  # the base's reading stages
+    "read": lambda examples: reading_turns(examples, READING[1]),
     "crop-where": _turns(lambda m: bool(m.get("crop")) and m["type"] == "where" and m["format"] == "short"),
     "ground": _turns(lambda m: not m.get("crop") and m["type"] in ("where", "colour", "shape")
                      and m["format"] == "short"),
