@@ -449,3 +449,38 @@ def test_oracle_selection_hits_every_tag_and_evaluation_reports_it(synth: Path, 
     assert all(v == 100.0 for v in oracle["tag_hit_by_layer"].values())
     assert chance["tag_hit"] < 60.0  # 4 of 16 blocks at random rarely hold a given tag
     assert oracle["selected_fraction"] == pytest.approx(4 / 16)  # the budget: ceil(0.2 x 16) blocks
+
+
+def test_sine_cosine_positions_survive_into_the_features_where_random_ones_do_not(tmp_path: Path) -> None:
+    """Why the synth base cannot say where anything is, and the fix `init_vit_positions_`
+    offers: at `init_random_`'s scale the patch embedding drowns the positions, so a linear
+    read-out of each token's row and column from the projected features does no better than
+    the mean; started as sine-cosine codes at the patch embedding's scale they are read back."""
+    from loupe.reproduce import INIT_STD
+    from loupe.tiny import (
+        init_random_,
+        init_vit_positions_,
+        position_readout_error,
+        sincos_positions,
+        synth_tiny_config,
+    )
+    from loupe.train import PixelImages
+    from loupe.vlm import VLM
+    codes = sincos_positions(8, 128)
+    assert codes.shape == (64, 128) and abs(codes.pow(2).mean().sqrt().item() - 1) < 1e-5
+    assert len({tuple(c.tolist()) for c in codes}) == 64  # every patch its own code
+    write_dataset(tmp_path, 20, seed=3, progress=False, splits=("val",))
+    paths = sorted(tmp_path.glob("images/*.png"))[:16]
+    pixels = PixelImages(paths, 64, progress=False).pixels.float()  # (16, 3, 64, 64)
+    errors = {}
+    for scale in (None, 2.0):
+        torch.manual_seed(0)
+        model = init_random_(VLM(synth_tiny_config(64)), std=INIT_STD)
+        before = model.vision_tower.embeddings.position_embedding.weight[0].clone()
+        if scale is not None:
+            init_vit_positions_(model, scale)
+            assert torch.equal(model.vision_tower.embeddings.position_embedding.weight[0], before)  # class kept
+        with torch.no_grad():
+            errors[scale] = position_readout_error(model.image_features(pixels))
+    baseline = 2.0  # |index - 3.5| averaged over 0..7: the mean's error
+    assert errors[2.0] < 0.4 * baseline < 0.8 * baseline < errors[None], errors

@@ -7,6 +7,7 @@ BPE tokenizer trained in memory, written with the same `save_pretrained` as any 
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -99,6 +100,53 @@ def init_random_(module: torch.nn.Module, std: float = 0.02) -> torch.nn.Module:
         else:
             p.fill_(1.0 if "norm" in name else 0.0)
     return module
+
+
+def sincos_positions(grid: int, dim: int) -> torch.Tensor:
+    """(grid*grid, dim) 2D sine-cosine position codes (MAE's), raster order, per-dim RMS 1:
+    the first half of the channels encodes the row, the second the column."""
+    quarter = dim // 4
+    freq = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (dim/4,)
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+
+    def code(pos: torch.Tensor) -> torch.Tensor:  # (grid*grid,) -> (grid*grid, dim/2)
+        angle = pos.flatten().double()[:, None] * freq[None]
+        return torch.cat([angle.sin(), angle.cos()], dim=1)
+
+    return (torch.cat([code(rows), code(cols)], dim=1) * 2**0.5).float()
+
+
+def init_vit_positions_(model: torch.nn.Module, scale: float) -> None:
+    """The vision tower's patch position embeddings as 2D sine-cosine codes of per-dim RMS
+    `scale` (the class position, if any, keeps its weights).
+
+    Why a from-scratch model may need it: with `init_random_` the patch embedding's output is
+    ~20x the position embedding's (std 0.1 weights over 3*8*8 normalised pixels, against std
+    0.1 positions) and the pre-norm washes the position out; the shipped synth base, trained
+    that way, carries none (a linear read-out of each token's row and column from its image
+    features does no better than the mean). `scale` 2 matches the patch embedding's output at
+    init. The shipped base does not use it yet: a base remade with it and a grounding stage
+    read worse and grounded no better (docs/reproduce.md, "What is left")."""
+    emb = model.vision_tower.embeddings.position_embedding.weight  # (N or 1+N, E)
+    grid = math.isqrt(emb.shape[0])
+    codes = sincos_positions(grid, emb.shape[1]) * scale  # (P*P, E)
+    with torch.no_grad():
+        emb[emb.shape[0] - grid * grid:] = codes.to(emb.dtype)
+
+
+def position_readout_error(features: torch.Tensor) -> float:
+    """How well image features keep their positions: the mean absolute error, in patches, of
+    a least-squares linear read-out of each token's row and column from its features (B, N, D),
+    fitted on the first 3/4 of the images and scored on the rest. The mean's error, 2.0 on an
+    8x8 grid, is what features without positions give."""
+    b, n, d = features.shape  # (B, N, D)
+    grid = math.isqrt(n)
+    x = torch.cat([features.reshape(-1, d).float(), torch.ones(b * n, 1)], dim=1)  # (B*N, D+1)
+    idx = torch.arange(n).repeat(b)
+    y = torch.stack([idx // grid, idx % grid], dim=1).float()  # (B*N, 2)
+    fit = (3 * b // 4) * n
+    w = torch.linalg.lstsq(x[:fit], y[:fit]).solution
+    return (x[fit:] @ w - y[fit:]).abs().mean().item()
 
 
 def write_tiny_checkpoint(path: str | os.PathLike[str], seed: int = 0, overwrite: bool = False,
