@@ -469,6 +469,8 @@ def test_sine_cosine_positions_survive_into_the_features_where_random_ones_do_no
     codes = sincos_positions(8, 128)
     assert codes.shape == (64, 128) and abs(codes.pow(2).mean().sqrt().item() - 1) < 1e-5
     assert len({tuple(c.tolist()) for c in codes}) == 64  # every patch its own code
+    with pytest.raises(loupe.LoupeError, match="width 130"):
+        sincos_positions(8, 130)
     write_dataset(tmp_path, 20, seed=3, progress=False, splits=("val",))
     paths = sorted(tmp_path.glob("images/*.png"))[:16]
     pixels = PixelImages(paths, 64, progress=False).pixels.float()  # (16, 3, 64, 64)

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from loupe.checkpoints import save_pretrained
 from loupe.config import SIGLIP_MEAN, SIGLIP_STD, TextConfig, VisionConfig, VLMConfig, default_pinpoints
+from loupe.errors import LoupeError
 from loupe.vlm import VLM
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
@@ -105,6 +106,9 @@ def init_random_(module: torch.nn.Module, std: float = 0.02) -> torch.nn.Module:
 def sincos_positions(grid: int, dim: int) -> torch.Tensor:
     """(grid*grid, dim) 2D sine-cosine position codes (MAE's), raster order, per-dim RMS 1:
     the first half of the channels encodes the row, the second the column."""
+    if dim < 4 or dim % 4:
+        raise LoupeError(f"sine-cosine positions of width {dim}: the width must be a positive multiple of 4 "
+                         "(a sine and a cosine per frequency, for the row and for the column)")
     quarter = dim // 4
     freq = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (dim/4,)
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
