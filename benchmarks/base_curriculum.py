@@ -6,11 +6,14 @@ scenes of its own), and score it per question type on unseen crops and scenes (a
     python benchmarks/base_curriculum.py --stages read-short:400,read:900,mix:2000
     python benchmarks/base_curriculum.py --pos-scale 2 --stages where1:500,where2:500,where:1000 --score-each
     python benchmarks/base_curriculum.py --stages read-short:300,crop-where:1500,ground:800
+    python benchmarks/base_curriculum.py --pos-scale 2 --dense 2000 --train projector+decoder --stages where:4000
 
 Stages: mix (every record), read-short / read (the base's reading stages), crop-where (the
 crops' short where-questions), where (the scenes' short where-questions), ground (where /
 colour / shape, short); where, ground and mix followed by k = 1..5 train on scenes of their
-own holding k named objects (`where1`: one named object beside grey distractors). The
+own holding k named objects (`where1`: one named object beside grey distractors). With
+--dense N the ViT and projector are first pretrained N steps on per-patch labels
+(`loupe.dense`: name, pattern, row and column of every token), as the base's `DENSE`. The
 probes behind `loupe.reproduce.READING` and docs/reproduce.md ran this way (1000-2000
 training scenes). Prints the table and writes curriculum.json and curriculum.md
 to --out (with --score-each, every stage's scores in the JSON).
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,6 +37,7 @@ from loupe.checkpoints import save_pretrained
 from loupe.data.batches import tokenize
 from loupe.data.llava import Example, read_llava
 from loupe.data.synthetic import write_dataset
+from loupe.dense import DenseConfig, dense_accuracy, dense_scenes, pretrain_dense
 from loupe.files import write_atomic, write_json
 from loupe.recipe import load_recipe, train_config
 from loupe.reproduce import INIT_STD, NATIVE, READING, SCENES, dataset_tokenizer, reading_turns
@@ -105,6 +110,21 @@ def _score(model: VLM, tok: Any, folder: Path, scenes: int, stage: str = "") -> 
     return scores
 
 
+def _dense_stage(model: VLM, steps: int, scenes: int) -> dict[str, Any]:
+    """Dense pretraining of the ViT and projector on scenes of their own (seed 0's dense
+    stream), scored on 500 more."""
+    pixels, labels = dense_scenes(scenes + 500, 0, SCENES, model.cfg.vision.image_size // model.cfg.vision.patch_size)
+    fit = 2 * scenes  # each scene and its crop
+    start = time.perf_counter()
+    losses, head = pretrain_dense(model, pixels[:fit], labels[:fit], DenseConfig(steps=steps))
+    acc = dense_accuracy(model, head, pixels[fit:], labels[fit:])
+    print(f"dense: {steps} steps, loss {losses[-1]:.3f}, patches read: name {acc['name']:.1f}%, "
+          f"pattern {acc['pattern']:.1f}%", flush=True)
+    return {"stage": "dense", "steps": steps, "samples": fit, "final_loss": losses[-1],
+            "patch_accuracy": {k: round(v, 1) for k, v in acc.items()},
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stages", default="read-short:300,read:900,mix:2000", help="NAME:STEPS,... in order")
@@ -115,8 +135,12 @@ def main() -> None:
                              "init's, as the shipped base; 2 matches the patch embedding's output at init)")
     parser.add_argument("--train", default=None, help="the parts trained, '+'-joined (default: the recipe's, "
                         "vision_tower+projector+decoder; projector+decoder keeps the ViT at its init)")
+    parser.add_argument("--dense", type=int, default=0, help="first pretrain the ViT and projector this many steps "
+                        "on per-patch colour-shape labels (`loupe.dense`; 0: none)")
+    parser.add_argument("--dense-scenes", type=int, default=4000, help="scenes of their own for --dense")
     parser.add_argument("--score-each", action="store_true", help="also score after every stage (in the JSON)")
     parser.add_argument("--out", default="benchmarks/results/base-curriculum")
+    parser.add_argument("--save", type=Path, default=None, help="also keep the trained model (and tokenizer) here")
     args = parser.parse_args()
     stages = parse_stages(args.stages)
     torch.manual_seed(0)
@@ -129,7 +153,9 @@ def main() -> None:
         assert isinstance(model, VLM)
         if args.pos_scale > 0:
             init_vit_positions_(model, args.pos_scale)
-        log = []
+        log: list[dict[str, Any]] = []
+        if args.dense:
+            log.append(_dense_stage(model, args.dense, args.dense_scenes))
         for name, steps in stages:
             samples, paths = tokenize(stage_examples(name, examples, args.scenes, Path(tmp)), tok, model)
             parts = tuple(args.train.split("+")) if args.train else recipe.train
@@ -146,6 +172,8 @@ def main() -> None:
                 print(" ".join(f"{k}={v['accuracy']:.1f}" for k, v in scores.items() if "pattern" not in k or
                                k.startswith("crop")), flush=True)
         scores = log[-1].get("accuracy") or _score(model, tok, Path(tmp) / "model" / "final", args.eval_scenes)
+        if args.save:
+            shutil.copytree(Path(tmp) / "model" / "final", args.save, dirs_exist_ok=True)
     text = "\n".join([f"stages {args.stages} ({args.scenes} training scenes)", "",
                       "| image, question type, format | accuracy % | questions |", "|---|---|---|",
                       *(f"| {k} | {v['accuracy']:.1f} | {v['n']} |" for k, v in scores.items())])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -289,6 +290,8 @@ def test_shipped_base_is_verified_by_hash(tmp_path: Path, capsys: pytest.Capture
     assert manifest["train"] == json.loads(json.dumps(asdict(FULL.base)))
     assert manifest["reading"] == json.loads(json.dumps([asdict(c) for c in FULL.reading])) and FULL.reading
     assert manifest["synth"] == json.loads(json.dumps(asdict(SCENES))) and manifest["scenes"] == FULL.base_scenes
+    assert manifest.get("dense") == (asdict(FULL.dense) if FULL.dense else None)
+    assert manifest.get("dense_scenes", 0) == FULL.dense_scenes
     copy = tmp_path / "base"
     shutil.copytree(SHIPPED_BASE, copy)
     weights = bytearray((copy / "model.safetensors").read_bytes())
@@ -322,6 +325,8 @@ def test_reproduce_stage_base_writes_a_verifiable_base(tmp_path: Path, capsys: p
         read = (out / "base" / f"read{k}" / "train_log.jsonl").read_text().splitlines()
         assert json.loads(read[-1])["step"] == 10
     assert manifest["reading"][0]["steps"] == 10
+    dense = [json.loads(line) for line in (out / "base" / "dense" / "train_log.jsonl").read_text().splitlines()]
+    assert dense[-1]["step"] == manifest["dense"]["steps"] == 10 and all(math.isfinite(r["loss"]) for r in dense)
     assert 0 <= manifest["val_accuracy"]["easy"] <= 100 and not (out / "results.json").exists()
     assert "validation accuracy easy" in capsys.readouterr().out
 

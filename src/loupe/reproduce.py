@@ -46,6 +46,7 @@ from loupe.cost import estimate
 from loupe.data.batches import Sample, prompt_ids, tokenize
 from loupe.data.llava import Example, read_llava
 from loupe.data.synthetic import SynthConfig, write_dataset
+from loupe.dense import DenseConfig, dense_scenes, pretrain_dense
 from loupe.errors import LoupeError
 from loupe.evaluate import EvalResult, RunFor, evaluate, prefill_latency, tag_boxes
 from loupe.files import write_atomic, write_json
@@ -55,7 +56,7 @@ from loupe.methods.flexattn import FlexRun
 from loupe.methods.visor import VisorRun
 from loupe.recipe import load_recipe, train_config
 from loupe.text import Tokenizer
-from loupe.tiny import init_random_, synth_tiny_config, tiny_tokenizer
+from loupe.tiny import init_random_, init_vit_positions_, synth_tiny_config, tiny_tokenizer
 from loupe.train import FeatureImages, FeatureStore, InMemory, PixelImages, TrainConfig, train
 from loupe.visor_train import fit_router, routing_states, score_table, single_turns, universal_setup, visor_method
 from loupe.vlm import VLM
@@ -122,6 +123,10 @@ class Plan:
     base_scenes: int  # the base's training scenes (each with its crops)
     # The base's reading stages, before `base` (see `READING`): one TrainConfig per entry of READING.
     reading: tuple[TrainConfig, ...] = ()
+    # The vision tower's dense pretraining, before everything (`loupe.dense`; see `DENSE`), on
+    # `dense_scenes` scenes of its own, each with one crop; None: none.
+    dense: DenseConfig | None = None
+    dense_scenes: int = 0
 
 
 # The base's curriculum, LLaVA's two stages in miniature: first it learns to read, then to
@@ -135,17 +140,32 @@ class Plan:
 # of one reading stage.
 READING: tuple[tuple[str, ...], ...] = (("short",), ("short", "mc"))
 
+# A from-scratch tower's dense pretraining (`loupe.dense`), as LLaVA starts from CLIP and keeps
+# it frozen: every token of a scene (and of a crop at one HR tile's scale) learns the
+# colour-shape name of the object covering it, the pattern of the tag covering it (crops only:
+# at 64 px every tag is the same blob) and its row and column; the later stages then train the
+# projector and decoder on the frozen tower. Why: trained only through the decoder's answers,
+# the shipped base's image tokens are 99.9% one vector shared by every token of the image
+# (`loupe.tiny.token_specific_share` 0.1% after the projector), so the decoder can pool an
+# image but not look anything up in it. After this stage each token reads its name at 95% and
+# its pattern at 96% (held-out patches), the share is 59%, and the reading stages read as well
+# on the frozen tower (docs/reproduce.md, "What is left").
+DENSE = DenseConfig(steps=2000, batch_size=32)
+DENSE_POSITIONS = 2.0  # the tower's positions start as 2D sine-cosine codes at this scale (`init_vit_positions_`)
+
 
 # The full run's training settings are the shipped recipes `loupe train --recipe` reads too.
 FULL = Plan(1000, train_config(load_recipe("synth-base")), train_config(load_recipe("synth-finetune")),
             latency_samples=16, router_scenes=300, base_scenes=4000,
-            reading=tuple(train_config(load_recipe(f"synth-base-read{k}")) for k in range(len(READING))))
-QUICK = Plan(60, TrainConfig(steps=30, batch_size=8, lr=1e-3, warmup=5,
-                             train=("vision_tower", "projector", "decoder"), log_every=10),
+            reading=tuple(train_config(load_recipe(f"synth-base-read{k}")) for k in range(len(READING))),
+            dense=None, dense_scenes=0)  # the shipped base predates DENSE
+QUICK = Plan(60, TrainConfig(steps=30, batch_size=8, lr=1e-3, warmup=5, train=("projector", "decoder"),
+                             log_every=10),  # on the tower DENSE pretrained and froze
              TrainConfig(steps=6, batch_size=8, lr=3e-3, warmup=2, train=("decoder", "method"), log_every=3),
              latency_samples=3, router_scenes=12, base_scenes=60,
-             reading=(TrainConfig(steps=10, batch_size=8, lr=1e-3, warmup=2, train=("vision_tower", "projector",
-                                                                                  "decoder"), log_every=5),) * 2)
+             reading=(TrainConfig(steps=10, batch_size=8, lr=1e-3, warmup=2, train=("projector", "decoder"),
+                                  log_every=5),) * 2,
+             dense=DenseConfig(steps=10, batch_size=8, warmup=2), dense_scenes=20)
 INIT_STD = 0.1  # about 1/sqrt(width 128): with 0.02 the from-scratch model never starts using the image
 
 OWNED = ("data", "base", "runs", "overlays", "results.json", "results.md", "results.png")
@@ -182,11 +202,14 @@ def reading_turns(examples: Sequence[Example], formats: Sequence[str]) -> list[E
 
 def train_base(out: Path, examples: Sequence[Example], tok: Tokenizer, plan: Plan, seed: int,
                progress: bool) -> Path:
-    """The base from scratch: the reading stages (`READING`), then the whole mix; each stage in
-    its own folder of `out` (its log and final weights), the last one's final/ is the base."""
+    """The base from scratch: the tower's dense pretraining (`DENSE`), the reading stages
+    (`READING`), then the whole mix; each stage in its own folder of `out` (its log and final
+    weights), the last one's final/ is the base."""
     torch.manual_seed(seed)
     model = init_random_(VLM(synth_tiny_config(tok.inner.get_vocab_size())), std=INIT_STD)
     assert isinstance(model, VLM)
+    if plan.dense is not None:
+        dense_stage(model, plan.dense, plan.dense_scenes, seed, out / "dense", progress)
     stages = [(f"read{k}", reading_turns(examples, formats), cfg)
               for k, (formats, cfg) in enumerate(zip(READING, plan.reading, strict=True))]
     for name, data, cfg in [*stages, ("", list(examples), plan.base)]:
@@ -197,6 +220,18 @@ def train_base(out: Path, examples: Sequence[Example], tok: Tokenizer, plan: Pla
               desc=f"base {name or 'mix'}")
     (out / "final" / "tokenizer.json").write_bytes(tok.inner.to_str().encode())
     return out / "final"
+
+
+def dense_stage(model: VLM, cfg: DenseConfig, scenes: int, seed: int, out: Path, progress: bool) -> None:
+    """`DENSE`: the tower's positions as sine-cosine codes, then dense pretraining on `scenes`
+    scenes of its own (and a crop of each); its loss per step goes to `out`/train_log.jsonl."""
+    init_vit_positions_(model, DENSE_POSITIONS)
+    grid = model.cfg.vision.image_size // model.cfg.vision.patch_size
+    pixels, labels = dense_scenes(scenes, seed, SCENES, grid, progress=progress)
+    losses, _ = pretrain_dense(model, pixels, labels, cfg, seed, progress)
+    lines = [json.dumps({"step": k + 1, "loss": loss}) for k, loss in enumerate(losses)
+             if (k + 1) % 25 == 0 or k + 1 == len(losses)]
+    write_atomic(out / "train_log.jsonl", "\n".join(lines) + "\n")
 
 
 # ---- the shipped base ------------------------------------------------------------------------
@@ -258,6 +293,7 @@ def make_base(out: Path, train_ex: Sequence[Example], val_ex: Sequence[Example],
     write_manifest(final, {"command": command, "seconds": round(seconds, 1), "machine": _machine(),
                            "date": time.strftime("%Y-%m-%d"), "seed": seed, "scenes": plan.base_scenes,
                            "synth": asdict(SCENES), "reading": [asdict(c) for c in plan.reading],
+                           "dense": asdict(plan.dense) if plan.dense else None, "dense_scenes": plan.dense_scenes,
                            "train": asdict(plan.base),
                            "val_accuracy": {k: summary[k] for k in ("easy", "hard", "overall")}})
     return final

@@ -153,6 +153,14 @@ def position_readout_error(features: torch.Tensor) -> float:
     return (x[fit:] @ w - y[fit:]).abs().mean().item()
 
 
+def token_specific_share(features: torch.Tensor) -> float:
+    """The share of the energy of image features (B, N, D) that is not the per-image mean over
+    its tokens: 0 when every token of an image is the same vector (the decoder can pool such
+    an image but not look anything up in it), near 1 when tokens differ as much as they weigh."""
+    x = features.float()
+    return ((x - x.mean(1, keepdim=True)).pow(2).sum() / x.pow(2).sum().clamp_min(1e-30)).item()
+
+
 def write_tiny_checkpoint(path: str | os.PathLike[str], seed: int = 0, overwrite: bool = False,
                           cfg: VLMConfig | None = None, onevision: bool = False) -> Path:
     """A random tiny LLaVA (or, with `onevision`, LLaVA-OneVision) folder at `path`
