@@ -313,11 +313,15 @@ def test_reproduce_stage_base_writes_a_verifiable_base(tmp_path: Path, capsys: p
     assert "--stage 'nope' does not exist" in capsys.readouterr().err and not out.exists()
     assert main(["reproduce", "--base-steps", "5", "--out", str(out)]) == 2  # only where a base is trained
     assert "--base-steps sets how long" in capsys.readouterr().err and not out.exists()
-    argv = ["reproduce", "--stage", "base", "--quick", "--seed", "2", "--base-steps", "12", "--out", str(out)]
+    assert main(["reproduce", "--dense-tower", "--out", str(out)]) == 2
+    assert "--dense-tower says how the base trains" in capsys.readouterr().err and not out.exists()
+    argv = ["reproduce", "--stage", "base", "--quick", "--seed", "2", "--base-steps", "12", "--dense-tower",
+            "--out", str(out)]
     assert main(argv) == 0
     final = out / "base" / "final"
     manifest = json.loads((verified_base(final) / MANIFEST).read_text())
-    assert manifest["command"] == "loupe reproduce --stage base --seed 2 --quick --base-steps 12"
+    assert manifest["command"] == "loupe reproduce --stage base --seed 2 --quick --base-steps 12 --dense-tower"
+    assert manifest["train"]["train"] == ["projector", "decoder"] == manifest["reading"][1]["train"]
     assert manifest["seed"] == 2 and manifest["train"]["steps"] == 12
     log = [json.loads(line) for line in (out / "base" / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 12

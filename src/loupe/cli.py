@@ -612,6 +612,9 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
                    help="with --stage base or --from-scratch: train the base this many steps (default: the plan's)")
     p.add_argument("--resolutions", action="store_true",
                    help="also the resolution ablation: FlexAttention at 2x and 4x the native size")
+    p.add_argument("--dense-tower", action="store_true",
+                   help="with --stage base or --from-scratch: pretrain the vision tower densely first, then keep it "
+                        "frozen (loupe.reproduce.DENSE; not the shipped base's recipe)")
     p.set_defaults(run=cmd_reproduce)
 
 
@@ -620,7 +623,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     report = reproduce(args.out, quick=args.quick, seed=args.seed, overwrite=args.overwrite, stage=args.stage,
                        base=args.base, from_scratch=args.from_scratch, resolutions=args.resolutions,
-                       base_steps=args.base_steps)
+                       base_steps=args.base_steps, dense_tower=args.dense_tower)
     if report.get("stage") == "base":
         m = report["manifest"]
         print(f"base in {report['base']} ({m['seconds']:.0f} s on {m['machine'].get('cpu', '?')}); validation "

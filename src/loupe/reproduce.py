@@ -149,8 +149,12 @@ READING: tuple[tuple[str, ...], ...] = (("short",), ("short", "mc"))
 # (`loupe.tiny.token_specific_share` 0.1% after the projector), so the decoder can pool an
 # image but not look anything up in it. After this stage each token reads its name at 95% and
 # its pattern at 96% (held-out patches), the share is 59%, and the reading stages read as well
-# on the frozen tower (docs/reproduce.md, "What is left").
+# on the frozen tower. A base made so (`loupe reproduce --stage base --dense-tower`) answers
+# short questions that need one lookup (colour of the only square, shape of the only red
+# object, where in a crop) far better than the shipped one, but did not learn the
+# multiple-choice letter; it is not the shipped recipe (docs/reproduce.md, "What is left").
 DENSE = DenseConfig(steps=2000, batch_size=32)
+FROZEN_TOWER = ("projector", "decoder")  # what the base's later stages train after DENSE
 DENSE_POSITIONS = 2.0  # the tower's positions start as 2D sine-cosine codes at this scale (`init_vit_positions_`)
 
 
@@ -158,14 +162,23 @@ DENSE_POSITIONS = 2.0  # the tower's positions start as 2D sine-cosine codes at 
 FULL = Plan(1000, train_config(load_recipe("synth-base")), train_config(load_recipe("synth-finetune")),
             latency_samples=16, router_scenes=300, base_scenes=4000,
             reading=tuple(train_config(load_recipe(f"synth-base-read{k}")) for k in range(len(READING))),
-            dense=None, dense_scenes=0)  # the shipped base predates DENSE
-QUICK = Plan(60, TrainConfig(steps=30, batch_size=8, lr=1e-3, warmup=5, train=("projector", "decoder"),
-                             log_every=10),  # on the tower DENSE pretrained and froze
+            dense=None, dense_scenes=0)  # the shipped recipe; `--dense-tower`: with_dense_tower(FULL)
+QUICK = Plan(60, TrainConfig(steps=30, batch_size=8, lr=1e-3, warmup=5,
+                             train=("vision_tower", "projector", "decoder"), log_every=10),
              TrainConfig(steps=6, batch_size=8, lr=3e-3, warmup=2, train=("decoder", "method"), log_every=3),
              latency_samples=3, router_scenes=12, base_scenes=60,
-             reading=(TrainConfig(steps=10, batch_size=8, lr=1e-3, warmup=2, train=("projector", "decoder"),
-                                  log_every=5),) * 2,
-             dense=DenseConfig(steps=10, batch_size=8, warmup=2), dense_scenes=20)
+             reading=(TrainConfig(steps=10, batch_size=8, lr=1e-3, warmup=2, train=("vision_tower", "projector",
+                                                                                  "decoder"), log_every=5),) * 2)
+def with_dense_tower(plan: Plan) -> Plan:
+    """`plan` with the tower pretrained by `DENSE` (on as many scenes as the base's own; the
+    quick plan's 10 steps), then frozen through the reading stages and the mix (`loupe
+    reproduce --dense-tower`)."""
+    frozen = {"train": FROZEN_TOWER}
+    dense = DENSE if plan.base_scenes >= 1000 else replace(DENSE, steps=10, batch_size=8, warmup=2)
+    return replace(plan, dense=dense, dense_scenes=plan.base_scenes,
+                   base=replace(plan.base, **frozen), reading=tuple(replace(c, **frozen) for c in plan.reading))
+
+
 INIT_STD = 0.1  # about 1/sqrt(width 128): with 0.02 the from-scratch model never starts using the image
 
 OWNED = ("data", "base", "runs", "overlays", "results.json", "results.md", "results.png")
@@ -290,6 +303,8 @@ def make_base(out: Path, train_ex: Sequence[Example], val_ex: Sequence[Example],
     command = f"loupe reproduce --stage base --seed {seed}" + (" --quick" if quick else "")
     if plan.base.steps != (QUICK if quick else FULL).base.steps:
         command += f" --base-steps {plan.base.steps}"
+    if plan.base.train == FROZEN_TOWER and (QUICK if quick else FULL).base.train != FROZEN_TOWER:
+        command += " --dense-tower"
     write_manifest(final, {"command": command, "seconds": round(seconds, 1), "machine": _machine(),
                            "date": time.strftime("%Y-%m-%d"), "seed": seed, "scenes": plan.base_scenes,
                            "synth": asdict(SCENES), "reading": [asdict(c) for c in plan.reading],
@@ -510,12 +525,13 @@ def reproduce(out: str | Path, quick: bool = False, seed: int = 0, overwrite: bo
               progress: bool = True, runs: Sequence[Run] = RUNS, with_visor: bool = True, stage: str = "all",
               base: str | Path | None = None, from_scratch: bool = False,
               resolutions: bool = False, base_steps: int | None = None,
-              with_reductions: bool = True) -> dict[str, Any]:
+              with_reductions: bool = True, dense_tower: bool = False) -> dict[str, Any]:
     """The reproduction in `out` (`stage="base"`: only train the base and write its manifest).
     The base: `base` (a folder made by `--stage base`), else the shipped one, else - with
     `from_scratch` - trained here, for `base_steps` steps if given. `resolutions`: also
     FlexAttention at 2x and 4x. `with_reductions`: the token-reduction peers on the trained hd
-    model at VISOR's smallest and FlexAttention's LLM prefill FLOPs."""
+    model at VISOR's smallest and FlexAttention's LLM prefill FLOPs. `dense_tower`: the base
+    trained as `with_dense_tower` makes it."""
     if stage not in STAGES:
         raise LoupeError(f"--stage {stage!r} does not exist; choose one of {list(STAGES)}")
     if base is not None and (from_scratch or stage == "base"):
@@ -524,12 +540,16 @@ def reproduce(out: str | Path, quick: bool = False, seed: int = 0, overwrite: bo
         raise LoupeError("--base-steps sets how long the base trains: give it with --stage base or --from-scratch")
     if base_steps is not None and base_steps < 1:
         raise LoupeError(f"--base-steps {base_steps} must be at least 1")
+    if dense_tower and not (from_scratch or stage == "base"):
+        raise LoupeError("--dense-tower says how the base trains: give it with --stage base or --from-scratch")
     out = Path(out)
     base_dir = None if from_scratch or stage == "base" else verified_base(Path(base) if base else SHIPPED_BASE)
     prepare_out(out, overwrite)
     plan = QUICK if quick else FULL
     if base_steps is not None:
         plan = replace(plan, base=replace(plan.base, steps=base_steps))
+    if dense_tower:
+        plan = with_dense_tower(plan)
     start = time.perf_counter()
     # --stage base needs only the validation split (its accuracy goes in the manifest)
     splits = ("val",) if stage == "base" else ("train", "val", "test")
