@@ -3,11 +3,14 @@
 A real LLaVA starts from CLIP, whose patch tokens already say what is where; the
 synth-tiny ViT starts from random weights and, trained only through the decoder's answers,
 learns features that pool the image (colour, count, one legible tag) and lose what binding
-a name to its object needs. This stage teaches each image token what covers it: every
-patch of a 64 px scene is labelled with the colour-shape name of the object covering most
-of it (or grey distractor, or background), and the tower plus the projector learn a linear
-read-out of that label from the token - the conjunction "red circle" in one token, which
-the decoder's answer row can then find by attention.
+a name to its object needs (its tokens end up 99.9% one vector shared by the whole image).
+This stage teaches each image token what covers it: every patch of a 64 px scene, and of a
+crop cut as the base's are (one HR tile's scale), is labelled with the colour-shape name of
+the object covering most of it (or grey distractor, or background), the pattern of the tag
+covering it (crops only: at 64 px every tag is the same blob) and its row and column; the
+tower plus the projector learn a linear read-out of those labels from the token - the
+conjunction "red circle" in one token, which the decoder's answer row can then find by
+attention (`loupe reproduce --stage base --dense-tower`).
 
 Shape legend: I images, S image side (px), P patches per side, N = P*P image tokens,
 W projected width, C label classes.
