@@ -154,6 +154,7 @@ READING: tuple[tuple[str, ...], ...] = (("short",), ("short", "mc"))
 # object, where in a crop) far better than the shipped one, but did not learn the
 # multiple-choice letter; it is not the shipped recipe (docs/reproduce.md, "What is left").
 DENSE = DenseConfig(steps=2000, batch_size=32)
+QUICK_DENSE = DenseConfig(steps=10, batch_size=8, warmup=2)  # `--quick --dense-tower`: a smoke run of it
 FROZEN_TOWER = ("projector", "decoder")  # what the base's later stages train after DENSE
 DENSE_POSITIONS = 2.0  # the tower's positions start as 2D sine-cosine codes at this scale (`init_vit_positions_`)
 
@@ -169,12 +170,12 @@ QUICK = Plan(60, TrainConfig(steps=30, batch_size=8, lr=1e-3, warmup=5,
              latency_samples=3, router_scenes=12, base_scenes=60,
              reading=(TrainConfig(steps=10, batch_size=8, lr=1e-3, warmup=2, train=("vision_tower", "projector",
                                                                                   "decoder"), log_every=5),) * 2)
-def with_dense_tower(plan: Plan) -> Plan:
-    """`plan` with the tower pretrained by `DENSE` (on as many scenes as the base's own; the
-    quick plan's 10 steps), then frozen through the reading stages and the mix (`loupe
-    reproduce --dense-tower`)."""
+
+
+def with_dense_tower(plan: Plan, dense: DenseConfig = DENSE) -> Plan:
+    """`plan` with the tower pretrained by `dense` (on as many scenes as the base's own), then
+    frozen through the reading stages and the mix (`loupe reproduce --dense-tower`)."""
     frozen = {"train": FROZEN_TOWER}
-    dense = DENSE if plan.base_scenes >= 1000 else replace(DENSE, steps=10, batch_size=8, warmup=2)
     return replace(plan, dense=dense, dense_scenes=plan.base_scenes,
                    base=replace(plan.base, **frozen), reading=tuple(replace(c, **frozen) for c in plan.reading))
 
@@ -303,7 +304,7 @@ def make_base(out: Path, train_ex: Sequence[Example], val_ex: Sequence[Example],
     command = f"loupe reproduce --stage base --seed {seed}" + (" --quick" if quick else "")
     if plan.base.steps != (QUICK if quick else FULL).base.steps:
         command += f" --base-steps {plan.base.steps}"
-    if plan.base.train == FROZEN_TOWER and (QUICK if quick else FULL).base.train != FROZEN_TOWER:
+    if plan.dense is not None and (QUICK if quick else FULL).dense is None:
         command += " --dense-tower"
     write_manifest(final, {"command": command, "seconds": round(seconds, 1), "machine": _machine(),
                            "date": time.strftime("%Y-%m-%d"), "seed": seed, "scenes": plan.base_scenes,
@@ -549,7 +550,7 @@ def reproduce(out: str | Path, quick: bool = False, seed: int = 0, overwrite: bo
     if base_steps is not None:
         plan = replace(plan, base=replace(plan.base, steps=base_steps))
     if dense_tower:
-        plan = with_dense_tower(plan)
+        plan = with_dense_tower(plan, QUICK_DENSE if quick else DENSE)
     start = time.perf_counter()
     # --stage base needs only the validation split (its accuracy goes in the manifest)
     splits = ("val",) if stage == "base" else ("train", "val", "test")
