@@ -7,13 +7,16 @@ scenes of its own), and score it per question type on unseen crops and scenes (a
     python benchmarks/base_curriculum.py --pos-scale 2 --stages where1:500,where2:500,where:1000 --score-each
     python benchmarks/base_curriculum.py --stages read-short:300,crop-where:1500,ground:800
     python benchmarks/base_curriculum.py --pos-scale 2 --dense 2000 --train projector+decoder --stages where:4000
+    python benchmarks/base_curriculum.py --init base/read1/final --init-tokenizer data/tokenizer \
+        --train projector+decoder --stages read-mc:3000
 
-Stages: mix (every record), read-short / read (the base's reading stages), crop-where (the
+Stages: mix (every record), read-short / read / read-mc (the base's reading stages), crop-where (the
 crops' short where-questions), where (the scenes' short where-questions), ground (where /
 colour / shape, short); where, ground and mix followed by k = 1..5 train on scenes of their
 own holding k named objects (`where1`: one named object beside grey distractors). With
 --dense N the ViT and projector are first pretrained N steps on per-patch labels
-(`loupe.dense`: name, pattern, row and column of every token), as the base's `DENSE`. The
+(`loupe.dense`: name, pattern, row and column of every token), as the base's `DENSE`; with
+--init the stages continue a saved model (a stage's final/ of `loupe reproduce --stage base`). The
 probes behind `loupe.reproduce.READING` and docs/reproduce.md ran this way (1000-2000
 training scenes). Prints the table and writes curriculum.json and curriculum.md
 to --out (with --score-each, every stage's scores in the JSON).
@@ -33,7 +36,7 @@ from typing import Any
 import torch
 from base_reading import accuracy_by_type
 
-from loupe.checkpoints import save_pretrained
+from loupe.checkpoints import from_pretrained, save_pretrained
 from loupe.data.batches import tokenize
 from loupe.data.llava import Example, read_llava
 from loupe.data.synthetic import write_dataset
@@ -41,6 +44,7 @@ from loupe.dense import DenseConfig, dense_accuracy, dense_scenes, pretrain_dens
 from loupe.files import write_atomic, write_json
 from loupe.recipe import load_recipe, train_config
 from loupe.reproduce import INIT_STD, NATIVE, READING, SCENES, dataset_tokenizer, reading_turns
+from loupe.text import Tokenizer
 from loupe.tiny import init_random_, init_vit_positions_, synth_tiny_config
 from loupe.train import InMemory, PixelImages, TrainConfig, train
 from loupe.visor_train import single_turns
@@ -58,6 +62,7 @@ STAGES: dict[str, Callable[[list[Example]], list[Example]]] = {
     "mix": lambda examples: list(examples),  # everything, as the base's last stage
     "read-short": lambda examples: reading_turns(examples, READING[0]),  # the base's reading stages
     "read": lambda examples: reading_turns(examples, READING[1]),
+    "read-mc": lambda examples: reading_turns(examples, ("mc",)),  # the multiple-choice form alone
     "crop-where": _turns(lambda m: bool(m.get("crop")) and m["type"] == "where" and m["format"] == "short"),
     "where": _turns(lambda m: not m.get("crop") and m["type"] == "where" and m["format"] == "short"),
     "ground": _turns(lambda m: not m.get("crop") and m["type"] in ("where", "colour", "shape")
@@ -125,6 +130,18 @@ def _dense_stage(model: VLM, steps: int, scenes: int) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - start, 1)}
 
 
+def first_model(examples: list[Example], folder: Path, init: Path | None,
+          init_tokenizer: Path | None) -> tuple[Tokenizer, VLM]:
+    """A fresh model and a tokenizer of `examples`, or the saved model `init` and its tokenizer."""
+    if init is None:
+        tok = dataset_tokenizer(examples, folder)
+        model = init_random_(VLM(synth_tiny_config(tok.inner.get_vocab_size())), std=INIT_STD)
+        assert isinstance(model, VLM)
+        return tok, model
+    tok = Tokenizer.from_folder(init_tokenizer or init, image_token_id=4)
+    return tok, from_pretrained(init, dtype=torch.float32)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stages", default="read-short:300,read:900,mix:2000", help="NAME:STEPS,... in order")
@@ -141,16 +158,19 @@ def main() -> None:
     parser.add_argument("--score-each", action="store_true", help="also score after every stage (in the JSON)")
     parser.add_argument("--out", default="benchmarks/results/base-curriculum")
     parser.add_argument("--save", type=Path, default=None, help="also keep the trained model (and tokenizer) here")
+    parser.add_argument("--init", type=Path, default=None, help="start from this saved model (a stage's final/ "
+                        "or --save; its tokenizer.json, or the one in --init-tokenizer) instead of a fresh one")
+    parser.add_argument("--init-tokenizer", type=Path, default=None, help="the folder of --init's tokenizer.json")
     args = parser.parse_args()
     stages = parse_stages(args.stages)
+    if args.init is not None and (args.dense or args.pos_scale):
+        raise SystemExit("--init starts from a trained model: --dense and --pos-scale would re-initialise it")
     torch.manual_seed(0)
     recipe = train_config(load_recipe("synth-base"))  # the base's optimiser settings for every stage
     with tempfile.TemporaryDirectory() as tmp:
         data = write_dataset(Path(tmp) / "train", args.scenes, 0, SCENES, progress=True, splits=("train",))
         examples = read_llava(data / "train.json")
-        tok = dataset_tokenizer(examples, Path(tmp) / "model")
-        model = init_random_(VLM(synth_tiny_config(tok.inner.get_vocab_size())), std=INIT_STD)
-        assert isinstance(model, VLM)
+        tok, model = first_model(examples, Path(tmp) / "model", args.init, args.init_tokenizer)
         if args.pos_scale > 0:
             init_vit_positions_(model, args.pos_scale)
         log: list[dict[str, Any]] = []
@@ -179,7 +199,8 @@ def main() -> None:
                       *(f"| {k} | {v['accuracy']:.1f} | {v['n']} |" for k, v in scores.items())])
     print(text)
     out = Path(args.out)
-    write_json(out / "curriculum.json", {"stages": log, "scenes": args.scenes, "accuracy": scores})
+    write_json(out / "curriculum.json", {"stages": log, "scenes": args.scenes, "accuracy": scores,
+                                         "init": str(args.init) if args.init else None})
     write_atomic(out / "curriculum.md", text + "\n")
     print(f"\nwritten to {out}/curriculum.json and curriculum.md")
 
