@@ -237,8 +237,12 @@ def test_nan_loss_stops_without_saving(synth: Path, tiny_base: Path, tmp_path: P
 # ---- the reproduction -------------------------------------------------------------------------
 def test_reproduce_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "rep"
-    assert main(["reproduce", "--quick", "--resolutions", "--out", str(out)]) == 0
+    assert main(["reproduce", "--quick", "--resolutions", "--finetune-steps", "8", "--out", str(out)]) == 0
     report = json.loads((out / "results.json").read_text())
+    assert report["plan"]["finetune"]["steps"] == 8  # the recipe's 6, replaced for every method
+    for label in ("hd", "flexattn"):
+        log = (out / "runs" / label / "train_log.jsonl").read_text().splitlines()
+        assert json.loads(log[-1])["step"] == 8
     labels = [r["label"] for r in report["runs"]]
     assert labels[:9] == ["lowres", "hd", "xattn", "flexattn", "flexattn-oracle", "flexattn-random",
                           "flexattn-center", "flexattn@2x", "flexattn@4x"]
@@ -313,6 +317,9 @@ def test_reproduce_stage_base_writes_a_verifiable_base(tmp_path: Path, capsys: p
     assert "--stage 'nope' does not exist" in capsys.readouterr().err and not out.exists()
     assert main(["reproduce", "--base-steps", "5", "--out", str(out)]) == 2  # only where a base is trained
     assert "--base-steps sets how long" in capsys.readouterr().err and not out.exists()
+    for argv in (["--finetune-steps", "0"], ["--stage", "base", "--finetune-steps", "5"]):
+        assert main(["reproduce", *argv, "--out", str(out)]) == 2
+        assert "--finetune-steps" in capsys.readouterr().err and not out.exists()
     assert main(["reproduce", "--dense-tower", "--out", str(out)]) == 2
     assert "--dense-tower says how the base trains" in capsys.readouterr().err and not out.exists()
     argv = ["reproduce", "--stage", "base", "--quick", "--seed", "2", "--base-steps", "12", "--dense-tower",

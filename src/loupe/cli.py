@@ -610,6 +610,8 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", default=None, metavar="DIR", help="start from this base (made by --stage base)")
     p.add_argument("--base-steps", type=int, default=None,
                    help="with --stage base or --from-scratch: train the base this many steps (default: the plan's)")
+    p.add_argument("--finetune-steps", type=int, default=None,
+                   help="fine-tune every method this many steps (default: the synth-finetune recipe's)")
     p.add_argument("--resolutions", action="store_true",
                    help="also the resolution ablation: FlexAttention at 2x and 4x the native size")
     p.add_argument("--dense-tower", action="store_true",
@@ -623,7 +625,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     report = reproduce(args.out, quick=args.quick, seed=args.seed, overwrite=args.overwrite, stage=args.stage,
                        base=args.base, from_scratch=args.from_scratch, resolutions=args.resolutions,
-                       base_steps=args.base_steps, dense_tower=args.dense_tower)
+                       base_steps=args.base_steps, dense_tower=args.dense_tower,
+                       finetune_steps=args.finetune_steps)
     if report.get("stage") == "base":
         m = report["manifest"]
         print(f"base in {report['base']} ({m['seconds']:.0f} s on {m['machine'].get('cpu', '?')}); validation "

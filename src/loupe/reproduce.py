@@ -526,13 +526,15 @@ def reproduce(out: str | Path, quick: bool = False, seed: int = 0, overwrite: bo
               progress: bool = True, runs: Sequence[Run] = RUNS, with_visor: bool = True, stage: str = "all",
               base: str | Path | None = None, from_scratch: bool = False,
               resolutions: bool = False, base_steps: int | None = None,
-              with_reductions: bool = True, dense_tower: bool = False) -> dict[str, Any]:
+              with_reductions: bool = True, dense_tower: bool = False,
+              finetune_steps: int | None = None) -> dict[str, Any]:
     """The reproduction in `out` (`stage="base"`: only train the base and write its manifest).
     The base: `base` (a folder made by `--stage base`), else the shipped one, else - with
     `from_scratch` - trained here, for `base_steps` steps if given. `resolutions`: also
     FlexAttention at 2x and 4x. `with_reductions`: the token-reduction peers on the trained hd
     model at VISOR's smallest and FlexAttention's LLM prefill FLOPs. `dense_tower`: the base
-    trained as `with_dense_tower` makes it."""
+    trained as `with_dense_tower` makes it. `finetune_steps`: every method's fine-tuning
+    steps instead of the recipe's (VISOR splits them as it splits the recipe's)."""
     if stage not in STAGES:
         raise LoupeError(f"--stage {stage!r} does not exist; choose one of {list(STAGES)}")
     if base is not None and (from_scratch or stage == "base"):
@@ -541,6 +543,10 @@ def reproduce(out: str | Path, quick: bool = False, seed: int = 0, overwrite: bo
         raise LoupeError("--base-steps sets how long the base trains: give it with --stage base or --from-scratch")
     if base_steps is not None and base_steps < 1:
         raise LoupeError(f"--base-steps {base_steps} must be at least 1")
+    if finetune_steps is not None and finetune_steps < 1:
+        raise LoupeError(f"--finetune-steps {finetune_steps} must be at least 1")
+    if finetune_steps is not None and stage == "base":
+        raise LoupeError("--finetune-steps sets how long every method fine-tunes: --stage base fine-tunes none")
     if dense_tower and not (from_scratch or stage == "base"):
         raise LoupeError("--dense-tower says how the base trains: give it with --stage base or --from-scratch")
     out = Path(out)
@@ -551,6 +557,8 @@ def reproduce(out: str | Path, quick: bool = False, seed: int = 0, overwrite: bo
         plan = replace(plan, base=replace(plan.base, steps=base_steps))
     if dense_tower:
         plan = with_dense_tower(plan, QUICK_DENSE if quick else DENSE)
+    if finetune_steps is not None:
+        plan = replace(plan, finetune=replace(plan.finetune, steps=finetune_steps))
     start = time.perf_counter()
     # --stage base needs only the validation split (its accuracy goes in the manifest)
     splits = ("val",) if stage == "base" else ("train", "val", "test")
