@@ -56,7 +56,7 @@ def main() -> None:
 
     outputs, report = {}, {"model": args.model or f"{args.base} (converted)", "ratio": args.ratio}
     for gate in (1.0, 0.0):
-        model.method._training_gate = gate  # the HR rows' mix: 0 leaves out every HR key
+        model.method.gate.fill_(gate)  # the HR rows' mix (1 - a) out_noHR + a out_HR: 0 leaves out every HR key
         result = evaluate(model, samples, images, tok, progress=True, run=oracle)
         outputs[gate] = result.predictions
         report[f"gate{gate:.0f}"] = {k: result.summary()[k] for k in ("easy", "hard", "overall")}
