@@ -131,7 +131,7 @@ def _dense_stage(model: VLM, steps: int, scenes: int) -> dict[str, Any]:
 
 
 def first_model(examples: list[Example], folder: Path, init: Path | None,
-          init_tokenizer: Path | None) -> tuple[Tokenizer, VLM]:
+                init_tokenizer: Path | None) -> tuple[Tokenizer, VLM]:
     """A fresh model and a tokenizer of `examples`, or the saved model `init` and its tokenizer."""
     if init is None:
         tok = dataset_tokenizer(examples, folder)

@@ -61,6 +61,8 @@ def main() -> None:
         outputs[gate] = result.predictions
         report[f"gate{gate:.0f}"] = {k: result.summary()[k] for k in ("easy", "hard", "overall")}
     hard = [(on, off) for on, off in zip(outputs[1.0], outputs[0.0], strict=True) if on.meta.get("kind") == "hard"]
+    if not hard:
+        raise SystemExit(f"{args.test} holds no hard questions: give a run's data/test.json")
     report["hard_changed"] = 100 * sum(on.output != off.output for on, off in hard) / len(hard)
     print(f"oracle selection, hard questions: HR keys on {report['gate1']['hard']:.1f}%, off "
           f"{report['gate0']['hard']:.1f}%; the HR keys change {report['hard_changed']:.1f}% of the hard answers")
