@@ -193,14 +193,20 @@ def test_memory_formula_matches_what_autograd_saves() -> None:
 
 def test_accumulation_bf16_and_fused_adamw_match_one_fp32_batch(base: Path, synth: Path, tmp_path: Path) -> None:
     runs = {}
+    grounded = ["grounding=1", "grounding_layers=[1,2]"]  # `loupe.grounding`: normalised per grounded row
     for name, extra in (("one", []), ("accumulated", ["--micro-batch-size", "1"]), ("bf16", ["--precision", "bf16"]),
-                        ("fused", ["fused_adamw=true"])):
+                        ("fused", ["fused_adamw=true"]), ("grounded", grounded),
+                        ("grounded-accumulated", [*grounded, "--micro-batch-size", "1"])):
         assert main(cli(base, synth, tmp_path / name, "--steps", "2", *extra)) == 0
         runs[name] = [json.loads(r) for r in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
     assert runs["accumulated"][-1]["loss"] == pytest.approx(runs["one"][-1]["loss"], rel=1e-5)
     assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "accumulated")) < 1e-5
     assert runs["bf16"][-1]["loss"] == pytest.approx(runs["one"][-1]["loss"], rel=0.02)
     assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "fused")) < 1e-5  # torch's fused AdamW kernel
+    g, g_acc = runs["grounded"][-1], runs["grounded-accumulated"][-1]
+    assert g["grounding"] == pytest.approx(g_acc["grounding"], rel=1e-5) and g["grounding"] > 0
+    assert max_diff(weights(tmp_path / "grounded"), weights(tmp_path / "grounded-accumulated")) < 1e-5
+    assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "grounded")) > 1e-4  # the loss moved the weights
 
 
 # ---- resume, export -------------------------------------------------------------------------------
@@ -293,6 +299,19 @@ def test_ddp_and_fsdp_steps_equal_the_single_process_step(base: Path, synth: Pat
         other = json.loads((tmp_path / parallel / "train_log.jsonl").read_text().splitlines()[-1])
         assert other["loss"] == pytest.approx(single["loss"], rel=1e-6)
         assert max_diff(weights(tmp_path / "single"), weights(tmp_path / parallel)) < 1e-4  # float summation order
+
+
+def test_ddp_with_grounding_equals_the_single_process_step(base: Path, synth: Path, tmp_path: Path) -> None:
+    """The grounding loss is normalised by the grounded rows of the global batch (`loupe.grounding`)."""
+    grounded = ["grounding=1", "grounding_layers=[1,2]"]
+    assert main(cli(base, synth, tmp_path / "single", *grounded)) == 0
+    done = torchrun(cli(base, synth, tmp_path / "ddp", "--parallel", "ddp", *grounded))
+    assert done.returncode == 0, done.stderr[-3000:]
+    single, ddp = (json.loads((tmp_path / name / "train_log.jsonl").read_text().splitlines()[-1])
+                   for name in ("single", "ddp"))
+    assert ddp["loss"] == pytest.approx(single["loss"], rel=1e-6)
+    assert ddp["grounding"] == pytest.approx(single["grounding"], rel=1e-5) and single["grounding"] > 0
+    assert max_diff(weights(tmp_path / "single"), weights(tmp_path / "ddp")) < 1e-4
 
 
 def test_two_process_resume_is_exact_and_reshards(base: Path, synth: Path, tmp_path: Path) -> None:

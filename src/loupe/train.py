@@ -47,8 +47,9 @@ from loupe.distributed import (
 )
 from loupe.errors import Interrupted, LoupeError
 from loupe.files import write_json
+from loupe.grounding import grounding_loss
 from loupe.images import ImageProcessor, load_image
-from loupe.methods import ImageFeatures, Method, RunOptions, TrainStep
+from loupe.methods import ImageFeatures, Method, RunOptions, TrainStep, Watch
 from loupe.runs import (
     RunSpec,
     check_resume,
@@ -89,10 +90,17 @@ class TrainConfig:
     group_by_length: bool = False  # batches of similar lengths (less padding)
     max_length: int = 0  # longest conversation accepted at load (0: the model's positions)
     num_workers: int = 0  # DataLoader processes reading images
+    # Grounding supervision (`loupe.grounding`): weight of the loss that teaches the rows
+    # predicting grounded turns' first answer tokens to attend to their boxes, at these decoder
+    # layers; per grounded row, added to the per-token answer loss. 0: off (every shipped
+    # recipe but the built-in benchmark's base).
+    grounding: float = 0.0
+    grounding_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.train, str | list):
             self.train = tuple([self.train] if isinstance(self.train, str) else self.train)
+        self.grounding_layers = tuple(self.grounding_layers)
         check(self, "the training config")  # declared types; NaN and inf refused (lr=inf, grad_clip=nan)
         self.betas = (float(self.betas[0]), float(self.betas[1]))
         for name in ("steps", "batch_size", "log_every"):
@@ -108,6 +116,9 @@ class TrainConfig:
                              "must lie in [0, 1)")
         if self.precision not in PRECISIONS:
             raise LoupeError(f"precision={self.precision!r}: choose one of {list(PRECISIONS)}")
+        if self.grounding < 0 or (self.grounding > 0 and not self.grounding_layers):
+            raise LoupeError(f"grounding={self.grounding} must not be negative, and needs grounding_layers "
+                             f"(now {list(self.grounding_layers)})")
 
     def resolved(self, samples: int) -> TrainConfig:
         """Steps from `epochs` and warm-up from `warmup_ratio`, for a training set of `samples`."""
@@ -274,14 +285,23 @@ def trains_vision(cfg: TrainConfig) -> bool:
     return any(p.startswith("vision_tower") for p in cfg.train)
 
 
-def loss_sum(engine: torch.nn.Module, model: VLM, batch: Any, pics: ImageBatch,
-             run: RunOptions | None = None) -> torch.Tensor:
-    """Summed cross-entropy over the batch's scored tokens; the LM head runs on those rows only."""
+def loss_sum(engine: torch.nn.Module, model: VLM, batch: Any, pics: ImageBatch, run: RunOptions | None = None,
+             grounding_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed cross-entropy over the batch's scored tokens (the LM head runs on those rows
+    only), and with `grounding_layers` the grounding loss summed over its grounded rows (None
+    without; `loupe.grounding`)."""
     dev = model.device
     rows = batch.loss_rows.to(dev)  # (B, T)
+    grounded = bool(grounding_layers) and batch.grounded_rows > 0
+    watch = Watch(batch.ground_rows.to(dev), batch.ground_valid.to(dev), grounding_layers) if grounded else None
     out = engine(batch.input_ids.to(dev), pics.pixel_values, batch.attention_mask.to(dev), loss_rows=rows,
-                 logit_rows=rows, image_sizes=pics.image_sizes, images=pics.images, run=run)
-    return F.cross_entropy(out.logits.float(), batch.targets.to(dev)[rows], reduction="sum")  # logits (K, V)
+                 logit_rows=rows, image_sizes=pics.image_sizes, images=pics.images, run=run, watch=watch)
+    ce = F.cross_entropy(out.logits.float(), batch.targets.to(dev)[rows], reduction="sum")  # logits (K, V)
+    if not grounding_layers:
+        return ce, None
+    if not grounded:
+        return ce, ce.new_zeros(())
+    return ce, grounding_loss(out.report.watched, grounding_layers, batch.ground_boxes, batch.ground_valid)
 
 
 def _touch_tower(engine: torch.nn.Module, model: VLM) -> torch.Tensor:
@@ -311,16 +331,21 @@ class Trainer:
         draw = model.method.on_train_step(TrainStep(step, epoch, torch.Generator().manual_seed(
             step_seed(cfg.seed + 1, step))))
         tokens = float(world.sum(sum(b.scored_tokens for b, _ in parts)))
-        total, seen = 0.0, 0
+        layers = cfg.grounding_layers if cfg.grounding > 0 else ()
+        grounded = max(1.0, float(world.sum(sum(b.grounded_rows for b, _ in parts)))) if layers else 1.0
+        total, ground_total, seen = 0.0, 0.0, 0
         for k, (batch, pics) in enumerate(parts):
             with accumulating(self.engine, last=k == len(parts) - 1), autocast(model, cfg.parallel, cfg.precision):
-                part = loss_sum(self.engine, model, batch, pics, draw.run)
+                part, ground = loss_sum(self.engine, model, batch, pics, draw.run, layers)
                 if cfg.parallel == "fsdp" and pics.pixel_values is None and pics.images is None:
                     part = part + _touch_tower(self.engine, model)
-                (part * (world.size / tokens)).backward()  # DDP / FSDP average over processes
+                objective = part / tokens + (0.0 if ground is None else cfg.grounding * ground / grounded)
+                (objective * world.size).backward()  # DDP / FSDP average over processes
             total += part.item()
+            ground_total += 0.0 if ground is None else ground.item()
             seen += int(batch.attention_mask.sum())
-        summed, seen_all = (float(v) for v in world.sum(torch.tensor([total, seen], dtype=torch.float64)))
+        summed, ground_sum, seen_all = (float(v) for v in world.sum(
+            torch.tensor([total, ground_total, seen], dtype=torch.float64)))
         loss = summed / tokens  # one all-reduce for the logged loss and the tokens seen
         if not math.isfinite(loss):
             raise LoupeError(f"the loss became {loss} at step {step}; nothing was saved after the last checkpoint - "
@@ -333,7 +358,8 @@ class Trainer:
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        return {"loss": loss, "grad_norm": norm_value, "tokens": seen_all, "label": draw.label}
+        row = {"loss": loss, "grad_norm": norm_value, "tokens": seen_all, "label": draw.label}
+        return row | ({"grounding": ground_sum / grounded} if layers else {})
 
 
 def build_trainer(model: VLM, cfg: TrainConfig, world: World, device: str | None = None) -> Trainer:
@@ -366,6 +392,9 @@ def train(model: VLM, data: TrainData, cfg: TrainConfig, out: str | Path | None 
     With `resume`, continue from `out`'s latest checkpoint; `files` are copied into final/;
     `device`: where FSDP2 shards a model loaded on the CPU."""
     world = world or World()
+    outside = [i for i in cfg.grounding_layers if not 0 <= i < model.cfg.text.num_layers]
+    if cfg.grounding > 0 and outside:
+        raise LoupeError(f"grounding_layers {outside}: the decoder has layers 0..{model.cfg.text.num_layers - 1}")
     trainer = build_trainer(model, cfg, world, device)
     plan = StepPlan(len(data.samples), cfg.batch_size, cfg.seed,
                     [len(s.ids) for s in data.samples] if cfg.group_by_length else None)
@@ -384,7 +413,7 @@ def train(model: VLM, data: TrainData, cfg: TrainConfig, out: str | Path | None 
     per_step = cfg.batch_size // world.size // micro
     log: list[dict[str, Any]] = []
     model.train()
-    begin, running, drawn, tokens = time.perf_counter(), [], Counter(), 0.0
+    begin, running, grounding, drawn, tokens = time.perf_counter(), [], [], Counter(), 0.0
     bar = tqdm(range(start, cfg.steps), desc=desc, unit="step", disable=not (progress and world.main), leave=False,
                initial=start, total=cfg.steps)
     step = start
@@ -392,6 +421,7 @@ def train(model: VLM, data: TrainData, cfg: TrainConfig, out: str | Path | None 
         for step in bar:
             stats = trainer.step(step, [next(stream) for _ in range(per_step)], plan.epoch_of(step))
             running.append(stats["loss"])
+            grounding += [stats["grounding"]] if "grounding" in stats else []
             tokens += stats["tokens"]
             if stats["label"] is not None:
                 drawn[stats["label"]] += 1
@@ -400,10 +430,12 @@ def train(model: VLM, data: TrainData, cfg: TrainConfig, out: str | Path | None 
                 row = {"step": step + 1, "loss": sum(running) / len(running), "lr": trainer.sched.get_last_lr()[0],
                        "grad_norm": stats["grad_norm"], "epoch": plan.epoch_of(step + 1), "seconds": seconds,
                        "tokens_per_s": tokens / seconds if seconds else None}
+                if grounding:
+                    row["grounding"] = sum(grounding) / len(grounding)  # per grounded row (`loupe.grounding`)
                 if drawn:
                     row["drawn"] = dict(sorted(drawn.items()))  # what the method drew per step (VISOR: configurations)
                 log.append(row)
-                running, drawn = [], Counter()
+                running, grounding, drawn = [], [], Counter()
                 bar.set_postfix(loss=f"{row['loss']:.3f}")
                 if out is not None and world.main:
                     with open(out / "train_log.jsonl", "a") as f:

@@ -15,7 +15,7 @@ from torch import nn
 
 from loupe.config import VisionConfig, VLMConfig
 from loupe.errors import ConfigError, LoupeError
-from loupe.methods import ImageInputs, MethodConfig, MethodReport, RunOptions, Step, build_method
+from loupe.methods import ImageInputs, MethodConfig, MethodReport, RunOptions, Step, Watch, build_method
 from loupe.methods.lowres import LowResConfig
 from loupe.nn.attention import KERNELS, Kernel
 from loupe.nn.decoder import Decoder
@@ -112,6 +112,7 @@ class VLM(nn.Module):
         images: ImageInputs | None = None,
         run: RunOptions | None = None,
         logit_rows: torch.Tensor | None = None,
+        watch: Watch | None = None,
     ) -> VLMOutput:
         """Logits for `input_ids` (B, T); Hugging Face-style arguments.
 
@@ -125,6 +126,8 @@ class VLM(nn.Module):
         `run` holds the method's per-call choices (e.g. `VisorRun`), if any. `logit_rows`
         (B, T) bool computes the LM head at those rows only, in row-major order (training
         scores a few answer rows: at OneVision's vocabulary the whole (B, T, V) would be GBs).
+        `watch` asks for chosen rows' attention over the image tokens at chosen layers
+        (`report.watched`; grounding supervision, `loupe.grounding`).
         """
         input_ids = input_ids.to(self.device)
         image_sizes = image_sizes.to(self.device) if image_sizes is not None else None
@@ -142,7 +145,7 @@ class VLM(nn.Module):
         self._check_positions(positions)
         rope = RopeSpec(self.cfg.text.head_dim, self.cfg.text.rope_theta, x.dtype)
         tokens = TokenSet.build(positions, key_valid, new_valid, image_mask, rope, self.kernel)
-        step = Step(tokens, cache, images, None if loss_rows is None else loss_rows.to(self.device), run)
+        step = Step(tokens, cache, images, None if loss_rows is None else loss_rows.to(self.device), run, watch)
 
         h, report = self.method.run_layers(self, x, step)  # (B, T, W)
         if logit_rows is not None:

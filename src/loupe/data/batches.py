@@ -1,7 +1,8 @@
 """What training reads: tokenised samples, padded batches, the plan of which samples each
 step and process takes, and a dataset that loads images lazily in `DataLoader` workers.
 
-Shape legend: B batch, T sequence (prompt + answers, left-padded), I images (tiles for AnyRes).
+Shape legend: B batch, T sequence (prompt + answers, left-padded), I images (tiles for AnyRes),
+R grounded turns (the most of any row of the batch).
 
 Samples are tokenised once at load, through the model's chat template (`loupe.chat`), so a
 row longer than the maximum length is reported with its row before step 0. Images are read
@@ -25,6 +26,7 @@ from PIL import Image
 from loupe.chat import template_for
 from loupe.data.llava import Example
 from loupe.errors import LoupeError
+from loupe.grounding import answer_rows, turn_boxes
 from loupe.images import load_image
 from loupe.text import Tokenizer
 
@@ -39,6 +41,9 @@ class Sample:
     scored: list[bool]  # True at the answer tokens (and the token ending each)
     image: int | None  # index into the image source; None: a text-only conversation
     example: Example | None = None
+    # (row predicting the turn's first answer token, its grounding box) for each grounded turn
+    # (`loupe.grounding`: the records' boxes; empty for data without them)
+    grounds: list[tuple[int, list[float]]] = field(default_factory=list)
 
     @property
     def prompt_length(self) -> int:
@@ -53,7 +58,9 @@ def image_tokens(model: VLM, ex: Example) -> int:
 
 def sample_of(model: VLM, ex: Example, tok: Tokenizer, image: int | None) -> Sample:
     ids, scored = template_for(model.cfg).conversation(ex.turns, tok, image_tokens(model, ex), ex.image is not None)
-    return Sample(ids, scored, image, ex)
+    boxes = turn_boxes(ex.meta, len(ex.turns)) if ex.image is not None else []
+    grounds = [(row, box) for row, box in zip(answer_rows(scored), boxes, strict=False) if box is not None]
+    return Sample(ids, scored, image, ex, grounds)
 
 
 def prompt_ids(model: VLM, ex: Example, tok: Tokenizer) -> list[int]:
@@ -85,10 +92,17 @@ class Batch:
     loss_rows: torch.Tensor  # (B, T) True where the next token is scored
     targets: torch.Tensor  # (B, T) the next token (0 where not scored)
     images: list[int] = field(default_factory=list)  # image indices of the rows that have one, in row order
+    ground_rows: torch.Tensor | None = None  # (B, R) rows predicting a grounded turn's first answer token
+    ground_boxes: torch.Tensor | None = None  # (B, R, 4) their boxes, fractions of the image side
+    ground_valid: torch.Tensor | None = None  # (B, R) False at padding
 
     @property
     def scored_tokens(self) -> int:
         return int(self.loss_rows.sum())
+
+    @property
+    def grounded_rows(self) -> int:
+        return 0 if self.ground_valid is None else int(self.ground_valid.sum())
 
 
 def collate(samples: Sequence[Sample], pad_id: int) -> Batch:
@@ -106,7 +120,19 @@ def collate(samples: Sequence[Sample], pad_id: int) -> Batch:
     targets = torch.zeros_like(ids)
     targets[:, :-1] = ids[:, 1:]
     return Batch(ids, mask, loss_rows, targets.masked_fill(~loss_rows, 0),
-                 [s.image for s in samples if s.image is not None])
+                 [s.image for s in samples if s.image is not None], *_grounds(samples, t))
+
+
+def _grounds(samples: Sequence[Sample], t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Grounded rows (B, R) in the left-padded batch of length t, their boxes (B, R, 4), validity (B, R)."""
+    r = max(len(s.grounds) for s in samples)
+    rows = torch.zeros(len(samples), r, dtype=torch.long)
+    boxes = torch.zeros(len(samples), r, 4)
+    valid = torch.zeros(len(samples), r, dtype=torch.bool)
+    for b, s in enumerate(samples):
+        for k, (row, box) in enumerate(s.grounds):
+            rows[b, k], boxes[b, k], valid[b, k] = row + t - len(s.ids), torch.tensor(box), True
+    return rows, boxes, valid
 
 
 @dataclass

@@ -12,6 +12,7 @@ from loupe.methods.base import (
     Step,
     TrainDraw,
     TrainStep,
+    Watch,
     build_method,
     cached_state,
     keep_state,
@@ -22,5 +23,5 @@ from loupe.methods.base import (
 )
 
 __all__ = ["METHODS", "ImageFeatures", "ImageInputs", "Method", "MethodConfig", "MethodReport", "RunOptions", "Step",
-           "TrainDraw", "TrainStep", "build_method", "cached_state", "keep_state", "method_label", "method_options",
+           "TrainDraw", "TrainStep", "Watch", "build_method", "cached_state", "keep_state", "method_label", "method_options",
            "parse_method", "saved_method_options"]

@@ -42,7 +42,7 @@ from torch import nn
 from loupe.config import VLMConfig
 from loupe.errors import ConfigError, LoupeError
 from loupe.flops import CostPlan, Workload
-from loupe.nn.decoder import AttnContext
+from loupe.nn.decoder import AttnContext, Rows
 from loupe.nn.kv_cache import DecoderCache, LayerCache
 from loupe.nn.static import StaticStep
 from loupe.nn.tokens import TokenSet
@@ -137,6 +137,8 @@ class MethodReport:
     tiles_encoded: float | None = None  # HR tiles encoded so far in the request / tiles (lazy HR encoding)
     sa_layers: torch.Tensor | None = None  # (B,) layers in which the sample's visual tokens ran (VISOR)
     route: torch.Tensor | None = None  # (B,) the configuration a router chose per sample
+    # layer -> (B, H, R, N) float32 attention of the watched rows over the image tokens (`Watch`)
+    watched: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def answer_selection(self) -> dict[int, torch.Tensor]:
         """Per layer, the HR tokens (B, M) the answer row (the last row) selected; {} for
@@ -150,6 +152,18 @@ class MethodReport:
 
 
 @dataclass
+class Watch:
+    """Rows whose attention over the image tokens a forward reports (`MethodReport.watched`),
+    recomputed explicitly at `layers` through the score-rows seam; their outputs are the
+    fused path's. Grounding supervision reads it (`loupe.grounding`); the plain layer loop
+    (lowres, hd) watches, a method with its own loop reports nothing."""
+
+    rows: torch.Tensor  # (B, R) index of each watched row among the call's rows
+    valid: torch.Tensor  # (B, R) False at padding
+    layers: tuple[int, ...]
+
+
+@dataclass
 class Step:
     """One forward call of the decoder, as the layer loop sees it."""
 
@@ -158,6 +172,7 @@ class Step:
     images: ImageInputs | None  # None on decode steps; the method keeps what it needs in its cached state
     loss_rows: torch.Tensor | None = None  # (B, T) True at rows whose next token is scored (training)
     run: RunOptions | None = None  # the method's per-call choices
+    watch: Watch | None = None  # rows whose attention over the image is reported
 
     @property
     def ctx(self) -> AttnContext:
@@ -178,6 +193,16 @@ class Step:
 
 
 S = TypeVar("S")
+
+
+def image_columns(image_mask: torch.Tensor) -> torch.Tensor:
+    """(B, N) positions of each row's image tokens, from the (B, T) mask; every row must hold
+    the same number of them (one image each)."""
+    counts = image_mask.sum(1)
+    if bool((counts != counts[0]).any()) or int(counts[0]) == 0:
+        raise LoupeError(f"watching rows needs one image of equal length in every row of the batch; the rows hold "
+                         f"{sorted(set(counts.tolist()))} image tokens")
+    return image_mask.nonzero()[:, 1].view(image_mask.shape[0], -1)
 
 
 def cached_state(step: Step, kind: type[S]) -> S | None:
@@ -268,9 +293,15 @@ class Method(nn.Module):
         return ImageInputs(features.lr)
 
     def run_layers(self, vlm: VLM, x: torch.Tensor, step: Step) -> tuple[torch.Tensor, MethodReport]:
+        report, watch = MethodReport(), step.watch
+        rows = None if watch is None else Rows(watch.rows, watch.valid, columns=image_columns(step.image_mask))
+        watched = () if watch is None else watch.layers
         for i, layer in enumerate(vlm.decoder.layers):
-            x = layer(x, step.ctx, step.layer_cache(i))
-        return x, MethodReport()
+            if rows is not None and i in watched:
+                x, report.watched[i] = layer.forward_rows(x, step.ctx, step.layer_cache(i), rows)
+            else:
+                x = layer(x, step.ctx, step.layer_cache(i))
+        return x, report
 
     # ---- the decode step at static shapes (`loupe.nn.static`, `generate(..., decode="compiled")`) ----
     def static_decode(self) -> str | None:
