@@ -285,11 +285,16 @@ def trains_vision(cfg: TrainConfig) -> bool:
     return any(p.startswith("vision_tower") for p in cfg.train)
 
 
-def loss_sum(engine: torch.nn.Module, model: VLM, batch: Any, pics: ImageBatch, run: RunOptions | None = None,
-             grounding_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Summed cross-entropy over the batch's scored tokens (the LM head runs on those rows
-    only), and with `grounding_layers` the grounding loss summed over its grounded rows (None
-    without; `loupe.grounding`)."""
+def loss_sum(engine: torch.nn.Module, model: VLM, batch: Any, pics: ImageBatch,
+             run: RunOptions | None = None) -> torch.Tensor:
+    """Summed cross-entropy over the batch's scored tokens; the LM head runs on those rows only."""
+    return loss_terms(engine, model, batch, pics, run)[0]
+
+
+def loss_terms(engine: torch.nn.Module, model: VLM, batch: Any, pics: ImageBatch, run: RunOptions | None = None,
+               grounding_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`loss_sum`, and with `grounding_layers` the grounding loss summed over the batch's
+    grounded rows (None without; `loupe.grounding`)."""
     dev = model.device
     rows = batch.loss_rows.to(dev)  # (B, T)
     grounded = bool(grounding_layers) and batch.grounded_rows > 0
@@ -336,7 +341,7 @@ class Trainer:
         total, ground_total, seen = 0.0, 0.0, 0
         for k, (batch, pics) in enumerate(parts):
             with accumulating(self.engine, last=k == len(parts) - 1), autocast(model, cfg.parallel, cfg.precision):
-                part, ground = loss_sum(self.engine, model, batch, pics, draw.run, layers)
+                part, ground = loss_terms(self.engine, model, batch, pics, draw.run, layers)
                 if cfg.parallel == "fsdp" and pics.pixel_values is None and pics.images is None:
                     part = part + _touch_tower(self.engine, model)
                 objective = part / tokens + (0.0 if ground is None else cfg.grounding * ground / grounded)
