@@ -44,6 +44,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[loupe.Tokenizer, lo
 def test_turn_boxes_and_answer_rows() -> None:
     assert turn_boxes({"turns": [{"tag_box": BOX}, {}, {"tag_box": [0, 0, 1, 1]}]}, 3) == [BOX, None, [0, 0, 1, 1]]
     assert turn_boxes({"tag_box": BOX}, 1) == [BOX] and turn_boxes({}, 2) == [None, None]
+    for bad in ([0.5, 0.5, 0.4, 0.6], [0, 0, 1], [0, 0, 1.5, 1], "top"):  # a clear error, not torch's
+        with pytest.raises(loupe.LoupeError, match=r"tag_box=.*left < right"):
+            turn_boxes({"tag_box": bad}, 1)
     assert answer_rows([False, False, True, True, False, True]) == [1, 4]
     target = box_targets(torch.tensor([[BOX, [0.0, 0.0, 0.25, 0.125]]]), 8)  # (1, 2, 64)
     assert target[0, 0, 6 * 8 + 6] == 1 and target.sum(-1).allclose(torch.ones(1, 2))

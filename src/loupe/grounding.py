@@ -16,7 +16,7 @@ base never learnt to find the object a question names ("where is the red circle"
 whole scenes, chance 11%; 9.9% after 2000 steps of where-questions alone), because the
 answer loss reaches the attention only through a softmax over 64 nearly equal tokens. A
 pretrained LLaVA's answer row looks at what the question names; this loss gives the small
-base that property directly (docs/reproduce.md, "Teaching the answer row where to look").
+base that property directly (docs/reproduce.md, "The shipped base: grounded").
 Fine-tuning the compared methods never uses it.
 """
 
@@ -40,8 +40,20 @@ def turn_boxes(meta: Mapping[str, Any], turns: int) -> list[list[float] | None]:
     per_turn = meta.get("turns")
     if isinstance(per_turn, list):
         found = [t.get(BOX_KEY) if isinstance(t, Mapping) else None for t in per_turn]
-        return (found + [None] * turns)[:turns]
-    return [meta.get(BOX_KEY)] + [None] * (turns - 1) if turns else []
+        boxes = (found + [None] * turns)[:turns]
+    else:
+        boxes = [meta.get(BOX_KEY)] + [None] * (turns - 1) if turns else []
+    return [None if box is None else _checked(box) for box in boxes]
+
+
+def _checked(box: Any) -> list[float]:
+    """A box [left, top, right, bottom] inside the image with positive area, or a clear error."""
+    ok = (isinstance(box, list | tuple) and len(box) == 4
+          and all(isinstance(v, int | float) and not isinstance(v, bool) for v in box))
+    if not ok or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
+        raise LoupeError(f"{BOX_KEY}={box!r}: a grounding box is [left, top, right, bottom], fractions of the "
+                         "image side with left < right and top < bottom inside [0, 1]")
+    return [float(v) for v in box]
 
 
 def answer_rows(scored: Sequence[bool]) -> list[int]:
