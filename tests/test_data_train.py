@@ -15,7 +15,7 @@ import loupe
 from loupe.chat import template_for
 from loupe.cli import main
 from loupe.data.batches import collate, tokenize
-from loupe.data.llava import read_llava
+from loupe.data.llava import Example, read_llava
 from loupe.data.synthetic import PATTERNS, SynthConfig, pattern_mask, write_dataset
 from loupe.train import InMemory, TrainConfig, train
 
@@ -345,6 +345,24 @@ def test_reproduce_stage_base_writes_a_verifiable_base(tmp_path: Path, capsys: p
     assert dense[-1]["step"] == manifest["dense"]["steps"] == 10 and all(math.isfinite(r["loss"]) for r in dense)
     assert 0 <= manifest["val_accuracy"]["easy"] <= 100 and not (out / "results.json").exists()
     assert "validation accuracy easy" in capsys.readouterr().out
+
+
+def test_the_mix_grounds_short_answers_only_and_evaluation_keeps_every_box(tmp_path: Path) -> None:
+    from loupe.grounding import turn_boxes
+    from loupe.reproduce import GROUNDED_FORMATS, grounded_formats
+    write_dataset(tmp_path, 6, seed=0, progress=False, splits=("train",))
+    examples = read_llava(tmp_path / "train.json")
+    before = [turn_boxes(ex.meta, len(ex.turns)) for ex in examples]
+    mix = grounded_formats(examples, GROUNDED_FORMATS)
+    formats = {"short": 0, "mc": 0}
+    for ex, boxes, was in zip(mix, (turn_boxes(ex.meta, len(ex.turns)) for ex in mix), before, strict=True):
+        for meta, box, old in zip(ex.meta["turns"], boxes, was, strict=True):
+            assert box == (old if meta.get("format") == "short" else None)  # short turns keep theirs
+            formats[meta.get("format", "")] = formats.get(meta.get("format", ""), 0) + (old is not None)
+    assert formats["short"] > 0 and formats["mc"] > 0  # both formats had boxes to begin with
+    assert [turn_boxes(ex.meta, len(ex.turns)) for ex in examples] == before  # the originals are untouched
+    assert grounded_formats([Example("x", None, [("q", "a")], {"tag_box": [0, 0, 1, 1], "format": "mc"})],
+                            ("short",))[0].meta == {"format": "mc"}  # a one-turn record too
 
 
 def test_reading_stages_train_on_crop_pattern_questions_one_turn_each(tmp_path: Path) -> None:

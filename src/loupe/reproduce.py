@@ -51,6 +51,7 @@ from loupe.errors import LoupeError
 from loupe.evaluate import EvalResult, RunFor, evaluate, prefill_latency, tag_boxes
 from loupe.files import write_atomic, write_json
 from loupe.flops import Workload
+from loupe.grounding import BOX_KEY
 from loupe.methods import RunOptions, method_options
 from loupe.methods.flexattn import FlexRun
 from loupe.methods.visor import VisorRun
@@ -140,6 +141,14 @@ class Plan:
 # of one reading stage.
 READING: tuple[tuple[str, ...], ...] = (("short",), ("short", "mc"))
 
+# The answer formats whose turns the mix grounds (`loupe.grounding`; the recipe's `grounding`
+# weight and layers): short answers only. Grounding every turn erased the multiple-choice
+# letter the reading stages had taught (the crops' pattern questions in that form fell from
+# 94.1% to 24.5%, chance 25%; `benchmarks/base_reading.py`), and in a reading stage it kept the
+# letter from being learnt at all: the row predicting the letter must find it among the
+# options in the text. The other turns keep their boxes for evaluation (tag hits, oracle).
+GROUNDED_FORMATS: tuple[str, ...] = ("short",)
+
 # A from-scratch tower's dense pretraining (`loupe.dense`), as LLaVA starts from CLIP and keeps
 # it frozen: every token of a scene (and of a crop at one HR tile's scale) learns the
 # colour-shape name of the object covering it, the pattern of the tag covering it (crops only:
@@ -214,6 +223,20 @@ def reading_turns(examples: Sequence[Example], formats: Sequence[str]) -> list[E
     return [t for t in single_turns(crops) if t.meta.get("type") == "pattern" and t.meta.get("format") in formats]
 
 
+def grounded_formats(examples: Sequence[Example], formats: Sequence[str]) -> list[Example]:
+    """`examples` whose turns keep their grounding box (`BOX_KEY`) only where the turn's answer
+    format is in `formats` (copies: the examples given are not changed)."""
+    def kept(meta: dict[str, Any]) -> dict[str, Any]:
+        return meta if meta.get("format") in formats else {k: v for k, v in meta.items() if k != BOX_KEY}
+
+    out = []
+    for ex in examples:
+        per_turn = ex.meta.get("turns")
+        meta = {**ex.meta, "turns": [kept(t) for t in per_turn]} if isinstance(per_turn, list) else kept(ex.meta)
+        out.append(replace(ex, meta=meta))
+    return out
+
+
 def train_base(out: Path, examples: Sequence[Example], tok: Tokenizer, plan: Plan, seed: int,
                progress: bool) -> Path:
     """The base from scratch: the tower's dense pretraining (`DENSE`), the reading stages
@@ -226,7 +249,7 @@ def train_base(out: Path, examples: Sequence[Example], tok: Tokenizer, plan: Pla
         dense_stage(model, plan.dense, plan.dense_scenes, seed, out / "dense", progress)
     stages = [(f"read{k}", reading_turns(examples, formats), cfg)
               for k, (formats, cfg) in enumerate(zip(READING, plan.reading, strict=True))]
-    for name, data, cfg in [*stages, ("", list(examples), plan.base)]:
+    for name, data, cfg in [*stages, ("", grounded_formats(examples, GROUNDED_FORMATS), plan.base)]:
         samples, paths = tokenize(data, tok, model)
         images = PixelImages(paths, NATIVE, progress)
         cfg = TrainConfig(**{**asdict(cfg), "seed": seed})
