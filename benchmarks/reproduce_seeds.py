@@ -1,6 +1,8 @@
 """Summarise `loupe reproduce` runs on several seeds: per method the mean, standard
-deviation and per-seed value of easy / hard / overall accuracy and tag-hit rate, and per
-target on how many seeds it holds.
+deviation and per-seed value of easy / hard (all, short-answer, multiple-choice) / overall
+accuracy and tag-hit rate, and per target on how many seeds it holds. A run written before
+results.json split the hard questions by answer format gets the split from its
+runs/<label>/predictions.json where that folder has one.
 
     for s in 0 1 2; do loupe reproduce --seed $s --out runs/seed$s; done
     python benchmarks/reproduce_seeds.py runs/seed0 runs/seed1 runs/seed2 [--out docs/reproduce/seeds]
@@ -14,8 +16,24 @@ import argparse
 import json
 from pathlib import Path
 
+from loupe.evaluate import EvalResult, Prediction
 from loupe.files import write_atomic, write_json
 from loupe.reproduce import seed_summary, seed_table
+
+SPLIT = ("hard_short", "hard_mc")
+
+
+def with_format_split(report: dict, folder: Path) -> dict:
+    """`report` with each run's hard accuracy by answer format filled in from its predictions
+    (runs/<label>/predictions.json) where results.json predates the split."""
+    for run in report["runs"]:
+        found = folder / "runs" / run["label"] / "predictions.json"
+        if all(k in run["accuracy"] for k in SPLIT) or not found.is_file():
+            continue
+        result = EvalResult([Prediction(**p) for p in json.loads(found.read_text())])
+        summary = result.summary()
+        run["accuracy"].update({k: summary[k] for k in SPLIT})
+    return report
 
 
 def main() -> None:
@@ -28,7 +46,7 @@ def main() -> None:
         path = Path(folder) / "results.json"
         if not path.is_file():
             parser.error(f"{path} does not exist: run `loupe reproduce --out {folder}` first")
-        reports.append(json.loads(path.read_text()))
+        reports.append(with_format_split(json.loads(path.read_text()), Path(folder)))
     summary = seed_summary(reports)
     text = seed_table(summary)
     print(text)

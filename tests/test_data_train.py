@@ -397,6 +397,19 @@ def test_seed_summary_gives_mean_spread_and_claims_per_seed() -> None:
         seed_summary([report(0, 80.0, True), report(0, 84.0, True)])
 
 
+def test_eval_summary_splits_hard_questions_by_answer_format() -> None:
+    from loupe.evaluate import EvalResult, Prediction
+
+    def pred(kind: str, fmt: str, correct: bool) -> Prediction:
+        return Prediction("q", "a", "a" if correct else "b", correct, {"kind": kind, "format": fmt}, None)
+
+    rows = [pred("hard", "short", True), pred("hard", "short", False), pred("hard", "mc", True),
+            pred("easy", "mc", False)]
+    summary = EvalResult(rows).summary()
+    assert (summary["hard"], summary["hard_short"], summary["hard_mc"]) == (pytest.approx(200 / 3), 50.0, 100.0)
+    assert EvalResult(rows[:2]).summary()["hard_mc"] is None  # no such question: None, not 0
+
+
 def test_cli_data_synth(synth: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["data", "synth", "--out", str(tmp_path / "s"), "--n", "3", "--seed", "1"]) == 0
     assert json.loads((tmp_path / "s" / "synth.json").read_text())["splits"] == {"train": 3, "val": 20, "test": 20}

@@ -66,6 +66,9 @@ class EvalResult:
                 "overall": self.accuracy(),
                 "hard_small": self.accuracy(kind="hard", size="small"),
                 "hard_large": self.accuracy(kind="hard", size="large"),
+                # by answer format (a record's meta "format": short answer, multiple choice)
+                "hard_short": self.accuracy(kind="hard", format="short"),
+                "hard_mc": self.accuracy(kind="hard", format="mc"),
                 "n": len(self.predictions), "n_hard": self.count(kind="hard"),
                 "selected_fraction": statistics.fmean(selected) if selected else None,
                 **{f"sa_layers_{kind}" if kind != "all" else "sa_layers": statistics.fmean(v) if v else None

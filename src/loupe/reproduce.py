@@ -813,7 +813,7 @@ def print_report(report: dict[str, Any], out: Path) -> None:
 
 
 # ---- several seeds --------------------------------------------------------------------------
-SEED_COLUMNS = ("easy", "hard", "overall", "tag_hit")
+SEED_COLUMNS = ("easy", "hard", "hard_short", "hard_mc", "overall", "tag_hit")
 
 
 def seed_summary(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
