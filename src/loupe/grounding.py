@@ -91,11 +91,13 @@ def grounding_loss(watched: Mapping[int, torch.Tensor], layers: Sequence[int], b
     if missing:
         raise LoupeError(f"grounding layers {missing} reported no attention: this method's layer loop does not "
                          "watch rows (train the base with the lowres method)")
-    total = boxes.new_zeros((), dtype=torch.float32)
+    first = watched[layers[0]]
+    target = box_targets(boxes.to(first.device), image_grid(first.shape[-1]))  # (B, R, N), the same at every layer
+    valid = valid.to(first.device)
+    total = first.new_zeros((), dtype=torch.float32)
     for i in layers:
         attn = watched[i].float().sum(1)  # (B, R, N) summed over heads
         attn = attn / attn.sum(-1, keepdim=True).clamp_min(torch.finfo(attn.dtype).tiny)
-        target = box_targets(boxes.to(attn.device), image_grid(attn.shape[-1]))  # (B, R, N)
         ce = -(target * attn.clamp_min(1e-8).log()).sum(-1)  # (B, R)
-        total = total + ce[valid.to(ce.device)].sum()
+        total = total + ce[valid].sum()
     return total / len(layers)

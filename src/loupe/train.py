@@ -335,9 +335,10 @@ class Trainer:
         torch.manual_seed(step_seed(cfg.seed, step))
         draw = model.method.on_train_step(TrainStep(step, epoch, torch.Generator().manual_seed(
             step_seed(cfg.seed + 1, step))))
-        tokens = float(world.sum(sum(b.scored_tokens for b, _ in parts)))
         layers = cfg.grounding_layers if cfg.grounding > 0 else ()
-        grounded = max(1.0, float(world.sum(sum(b.grounded_rows for b, _ in parts)))) if layers else 1.0
+        counts = [sum(b.scored_tokens for b, _ in parts), sum(b.grounded_rows for b, _ in parts)]
+        tokens, grounded = (float(v) for v in world.sum(torch.tensor(counts, dtype=torch.float64)))  # one all-reduce
+        grounded = max(1.0, grounded)
         total, ground_total, seen = 0.0, 0.0, 0
         for k, (batch, pics) in enumerate(parts):
             with accumulating(self.engine, last=k == len(parts) - 1), autocast(model, cfg.parallel, cfg.precision):
