@@ -1,12 +1,16 @@
-"""Does FlexAttention on the 4-layer synth-tiny model have the depth to answer a
-multiple-choice question from what it reads at high resolution?
+"""Why does FlexAttention on the 4-layer synth-tiny model not answer multiple-choice
+questions from what it reads at high resolution - too few HR layers, or too few HR rows?
 
-    python benchmarks/flex_depth.py [--seed 0] [--first-layers 1] [--reference runs/seed0]
+    python benchmarks/flex_depth.py [--seed 0] [--first-layers 1] [--hr-rows answer] [--steps 150]
+                                    [--reference runs/seed0]
 
 Fine-tunes `flexattn` from the shipped base exactly as `loupe reproduce` does (same data,
 recipe and seed) but with its hierarchical layers starting at each of `--first-layers`
-(the run's own setting is 2: HR in layers 2-3 of 4), and assesses each with its own
-attention-map selection and with the oracle's (the named tag's blocks at the same budget).
+(the run's own setting is 2: HR in layers 2-3 of 4) and with HR seen by the rows
+`--hr-rows` names ("answer": the official answer rows; "text": also every prompt row after
+the image, so each option of a multiple-choice question can be checked against the detail
+in its own row), for `--steps` fine-tuning steps (the run's: 150), and assesses each with its own attention-map selection and with the
+oracle's (the named tag's blocks at the same budget).
 Prints the hard questions' accuracy split by answer format (short answer / multiple
 choice) beside the same split of a full `loupe reproduce` run given as `--reference` (its
 predictions.json files), and writes flex_depth.json and flex_depth.md to --out.
@@ -38,12 +42,15 @@ def by_format(predictions: Path) -> dict[str, Any]:
     return out
 
 
-def probe(first_layer: int, seed: int, root: Path) -> dict[str, dict[str, Any]]:
-    """The run's flexattn at `first_layer`, and its oracle: label -> the hard split by format."""
-    label = f"flexattn-first{first_layer}"
-    run = Run(label, "flexattn", {"hr_size": 3 * NATIVE, **FLEX, "first_layer": first_layer}, oracle=True)
+def probe(first_layer: int, hr_rows: str, steps: int | None, seed: int, root: Path) -> dict[str, dict[str, Any]]:
+    """The run's flexattn at `first_layer` with `hr_rows` after `steps` (None: the run's), and its
+    oracle: label -> the hard split by format."""
+    label = (f"flexattn-first{first_layer}" + ("" if hr_rows == "answer" else f"-{hr_rows}-rows")
+             + ("" if steps is None else f"-{steps}steps"))
+    options = {"hr_size": 3 * NATIVE, **FLEX, "first_layer": first_layer, "hr_rows": hr_rows}
+    run = Run(label, "flexattn", options, oracle=True)
     out = root / label
-    reproduce(out, seed=seed, runs=(run,), with_visor=False, with_reductions=False)
+    reproduce(out, seed=seed, runs=(run,), with_visor=False, with_reductions=False, finetune_steps=steps)
     return {name: by_format(out / "runs" / name / "predictions.json") for name in (label, f"{label}-oracle")}
 
 
@@ -58,6 +65,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--first-layers", type=int, nargs="+", default=[1], help="flexattn's first hierarchical layer")
+    parser.add_argument("--hr-rows", default="answer", choices=("answer", "text"), help="which rows see HR")
+    parser.add_argument("--steps", type=int, help="fine-tuning steps (default: the run's)")
     parser.add_argument("--reference", help="a `loupe reproduce` output folder of the same seed (its rows, split)")
     parser.add_argument("--out", default="benchmarks/results/flex-depth")
     args = parser.parse_args()
@@ -69,14 +78,19 @@ def main() -> None:
                 rows[f"{name} (loupe reproduce)"] = by_format(found)
     with tempfile.TemporaryDirectory() as tmp:
         for first in args.first_layers:
-            rows.update(probe(first, args.seed, Path(tmp)))
+            rows.update(probe(first, args.hr_rows, args.steps, args.seed, Path(tmp)))
     text = table(rows)
     print(text)
     out = Path(args.out)
-    write_json(out / "flex_depth.json", {"seed": args.seed, "first_layers": args.first_layers, "rows": rows})
+    stem = ("flex_depth" + ("" if args.hr_rows == "answer" else f"_{args.hr_rows}_rows")
+            + ("" if args.steps is None else f"_{args.steps}steps"))
+    stem += "" if stem == "flex_depth" else f"_seed{args.seed}"
+    write_json(out / f"{stem}.json", {"seed": args.seed, "first_layers": args.first_layers, "hr_rows": args.hr_rows,
+                                      "steps": args.steps, "rows": rows})
     head = (f"seed {args.seed}; accuracy % (questions); the `loupe reproduce` rows: flexattn with its first "
-            f"hierarchical layer at {FLEX['first_layer']}; flexattn-firstK: at K")
-    write_atomic(out / "flex_depth.md", f"{head}\n\n{text}\n")
+            f"hierarchical layer at {FLEX['first_layer']}, HR in the answer rows; flexattn-firstK: at K; "
+            "-text-rows: HR in every text row after the image too; -Nsteps: fine-tuned N steps (the run: 150)")
+    write_atomic(out / f"{stem}.md", f"{head}\n\n{text}\n")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ METHODS = {
     "xattn": {"hr_size": 168},
     "flexattn": {"hr_size": 168, "pool": 4, "memoise": False},  # attnmap, measured selection
     "flexattn-center": {"hr_size": 168, "pool": 4, "strategy": "center", "ablation_ratio": 0.3},
+    # every text row after the image sees HR at prefill: S is the union of their selections
+    "flexattn-text": {"hr_size": 168, "pool": 4, "memoise": False, "hr_rows": "text"},
     "fastv": {"k": 2, "ratio": 0.5},
     "fastv-mean": {"k": 1, "keep": 5, "rank_by": "mean"},
     "pdrop": {"layers": [1, 3], "ratio": 0.5},

@@ -39,7 +39,9 @@ def flex(base_path: Path, **opts) -> loupe.VLM:
 
 # ---- an independent FlexAttention reference (batch 1, eager, no cache, no memo) -------------
 def reference_flex(model: loupe.VLM, ids: torch.Tensor, px: torch.Tensor) -> torch.Tensor:
-    """Last-row logits, written from DESIGN.md section 2 without the method's code."""
+    """Logits (1, T, V), written from DESIGN.md section 2 without the method's code: the HR
+    rows are the last row (hr_rows="answer") or every row after the image ("text"), each
+    with its own selection."""
     cfg, dec, method = model.cfg, model.decoder, model.method
     g, hr_grid = cfg.vision.grid, HR // cfg.vision.patch_size
     lr = model.image_features(low_res(px, cfg.vision.image_size))
@@ -57,7 +59,9 @@ def reference_flex(model: loupe.VLM, ids: torch.Tensor, px: torch.Tensor) -> tor
     hr_sin = F.interpolate(lr_sin, size=(hr_grid, hr_grid), mode="bicubic", align_corners=False)
     hr_cos, hr_sin = hr_cos[0].flatten(1).T, hr_sin[0].flatten(1).T  # (M, D)
     causal = torch.ones(t, t).tril().bool()
-    sel = None
+    last_image = int(cols[-1])
+    hr_rows = range(last_image + 1, t) if method.options.hr_rows == "text" else [t - 1]
+    sel: dict[int, torch.Tensor] = {}  # row -> its selection (M,) for this layer
     for i, layer in enumerate(dec.layers):
         a = layer.self_attn
         h = layer.input_layernorm(x)
@@ -68,25 +72,27 @@ def reference_flex(model: loupe.VLM, ids: torch.Tensor, px: torch.Tensor) -> tor
         probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)  # full map, no HR
         out = probs @ v
         if i >= method.first:
-            keep = torch.nonzero(sel)[:, 0]  # selected HR tokens of the last row
-            zs = z[keep]
-            if method.options.hr_norm == "layer":  # RMSNorm on Z with the layer's own (trained) scale
-                norm = method.layers[str(i)].norm
-                zs = norm.weight * (zs * torch.rsqrt(zs.pow(2).mean(-1, keepdim=True) + norm.eps))
-            kh = method.layers[str(i)].k_proj(zs).view(len(keep), -1, a.head_dim).transpose(0, 1)
-            vh = method.layers[str(i)].v_proj(zs).view(len(keep), -1, a.head_dim).transpose(0, 1)
-            kh = kh * hr_cos[keep] + rotate_half(kh) * hr_sin[keep]
-            kh, vh = kh.repeat_interleave(groups, 0)[None], vh.repeat_interleave(groups, 0)[None]
-            k_all, v_all = torch.cat([k, kh], 2), torch.cat([v, vh], 2)
-            s_last = (q[:, :, -1:] @ k_all.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-            out[:, :, -1:] = s_last.softmax(-1) @ v_all
+            for r in hr_rows:
+                keep = torch.nonzero(sel[r])[:, 0]  # HR tokens row r selected
+                zs = z[keep]
+                if method.options.hr_norm == "layer":  # RMSNorm on Z with the layer's own (trained) scale
+                    norm = method.layers[str(i)].norm
+                    zs = norm.weight * (zs * torch.rsqrt(zs.pow(2).mean(-1, keepdim=True) + norm.eps))
+                kh = method.layers[str(i)].k_proj(zs).view(len(keep), -1, a.head_dim).transpose(0, 1)
+                vh = method.layers[str(i)].v_proj(zs).view(len(keep), -1, a.head_dim).transpose(0, 1)
+                kh = kh * hr_cos[keep] + rotate_half(kh) * hr_sin[keep]
+                kh, vh = kh.repeat_interleave(groups, 0)[None], vh.repeat_interleave(groups, 0)[None]
+                k_all, v_all = torch.cat([k[:, :, : r + 1], kh], 2), torch.cat([v[:, :, : r + 1], vh], 2)
+                s_row = (q[:, :, r : r + 1] @ k_all.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+                out[:, :, r : r + 1] = s_row.softmax(-1) @ v_all
         x = x + a.o_proj(a.merge(out))
         x = layer.feed_forward(x)
         if i >= method.first - 1:
-            attn = probs[0, :, -1, cols].sum(0).view(1, g, g)
-            sel = S.select(attn, torch.ones(1, g, g, dtype=torch.bool), hr_grid=hr_grid, pool=4, threshold=48.0,
-                           strategy="attnmap", budget=None, ablation_ratio=0.1)[0]
-    return dec.logits(x)[:, -1]
+            for r in hr_rows:
+                attn = probs[0, :, r, cols].sum(0).view(1, g, g)
+                sel[r] = S.select(attn, torch.ones(1, g, g, dtype=torch.bool), hr_grid=hr_grid, pool=4,
+                                  threshold=48.0, strategy="attnmap", budget=None, ablation_ratio=0.1)[0]
+    return dec.logits(x)
 
 
 @pytest.mark.parametrize("hr_norm", ["layer", "none"])
@@ -95,7 +101,7 @@ def test_hierarchical_attention_equals_independent_reference(base_path: Path, hr
     ids, px = prompt_ids(10, 16, seed=1), pixels(1, seed=1, size=HR)
     with torch.no_grad():
         out = model(ids, px)
-        expected = reference_flex(model, ids, px)
+        expected = reference_flex(model, ids, px)[:, -1]
     fractions = out.report.selected_fraction
     assert set(fractions) == {2, 3} and all(0 < float(f) < 1 for f in fractions.values())
     torch.testing.assert_close(out.logits[:, -1], expected, rtol=1e-4, atol=1e-5)
@@ -105,6 +111,31 @@ def test_hierarchical_attention_equals_independent_reference(base_path: Path, hr
     assert (plain - expected).abs().max() > 1e-3  # HR really changed the answer row
     torch.testing.assert_close(out.logits[:, :-1], lowres(ids, low_res(px, 56)).logits[:, :-1].detach(),
                                rtol=1e-4, atol=1e-5)  # prompt rows never see HR
+
+
+def test_text_rows_after_the_image_see_hr_each_with_its_own_selection(base_path: Path) -> None:
+    """hr_rows="text": every row after the image is a hierarchical row (the reference's),
+    the rows up to the image's end are the base's, and the answer row differs from the
+    official method's, whose prompt rows saw no HR."""
+    model = flex(base_path, hr_rows="text")
+    ids, px = prompt_ids(10, 16, seed=1), pixels(1, seed=1, size=HR)
+    after = 2 + 16  # the image block's end
+    lowres = loupe.from_pretrained(base_path, dtype=torch.float32)
+    official = flex(base_path)
+    official.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        out = model(ids, px)
+        expected = reference_flex(model, ids, px)
+        plain = lowres(ids, low_res(px, 56)).logits
+        answer_only = official(ids, px).logits
+    torch.testing.assert_close(out.logits, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.logits[:, :after], plain[:, :after], rtol=1e-4, atol=1e-5)
+    assert (out.logits[:, after:-1] - plain[:, after:-1]).abs().amax(-1).min() > 1e-3  # each prompt row moved
+    assert (out.logits[:, -1] - answer_only[:, -1]).abs().max() > 1e-3
+    sel = out.report.selection[3]  # (1, R, M): one selection per row after the image
+    assert sel.shape == (1, ids.shape[1] - after, 144) and len({tuple(r.tolist()) for r in sel[0]}) > 1
+    union = sel[0].any(0).float().mean()
+    torch.testing.assert_close(out.report.selected_fraction[3], union[None])  # what the layer brings in
 
 
 def test_training_gate_blends_from_plain_to_hierarchical(base_path: Path) -> None:
@@ -162,8 +193,9 @@ def test_sdpa_equals_eager(base_path: Path, source: str) -> None:
     torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-5)
 
 
-def test_batched_equals_per_sample(base_path: Path) -> None:
-    model = flex(base_path)
+@pytest.mark.parametrize("hr_rows", ["answer", "text"])
+def test_batched_equals_per_sample(base_path: Path, hr_rows: str) -> None:
+    model = flex(base_path, hr_rows=hr_rows)
     a, b = prompt_ids(4, 16, seed=3, image_at=1), prompt_ids(11, 16, seed=4)
     pad = b.shape[1] - a.shape[1]
     ids = torch.cat([torch.cat([torch.zeros(1, pad, dtype=torch.long), a], 1), b])
@@ -177,11 +209,14 @@ def test_batched_equals_per_sample(base_path: Path) -> None:
     assert not torch.equal(sel[0], sel[1])  # different images, different selections
     torch.testing.assert_close(both.logits[0, pad:], one.logits[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(both.logits[1], two.logits[0], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(both.report.selection[3][0], one.report.selection[3][0])
+    rows = one.report.selection[3].shape[1]  # a sample's real HR rows are its last slots
+    torch.testing.assert_close(both.report.selection[3][0, -rows:], one.report.selection[3][0])
+    torch.testing.assert_close(both.report.selection[3][1], two.report.selection[3][0])
 
 
-def test_memoised_generation_equals_reprojecting(base_path: Path) -> None:
-    memo, again = flex(base_path), flex(base_path, memoise=False)
+@pytest.mark.parametrize("hr_rows", ["answer", "text"])
+def test_memoised_generation_equals_reprojecting(base_path: Path, hr_rows: str) -> None:
+    memo, again = flex(base_path, hr_rows=hr_rows), flex(base_path, memoise=False, hr_rows=hr_rows)
     again.load_state_dict(memo.state_dict())
     ids, px = prompt_ids(6, 16, seed=6), pixels(1, seed=6, size=HR)
     cfg = SamplingConfig(max_new_tokens=12)
@@ -212,6 +247,19 @@ def test_training_rows_see_hr_and_gradients_reach_new_weights_only(base_path: Pa
     for proj in model.method.layers.values():
         assert proj.k_proj.weight.grad.abs().sum() > 0 and proj.v_proj.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.vision_tower.parameters())
+
+
+def test_training_with_text_rows_adds_the_prompt_after_the_image(base_path: Path) -> None:
+    model = flex(base_path, hr_rows="text").train()
+    ids, px = prompt_ids(10, 16, seed=7), pixels(1, seed=7, size=HR)
+    rows = torch.zeros_like(ids, dtype=torch.bool)
+    rows[0, -4:] = True
+    out = model(ids, px, loss_rows=rows)
+    after = ids.shape[1] - (2 + 16)
+    assert out.report.selection[3].shape == (1, after, 144)
+    assert out.report.hr_rows[0].tolist() == list(range(2 + 16, ids.shape[1]))
+    with torch.no_grad():  # training and inference make the same rows hierarchical here
+        torch.testing.assert_close(out.logits, model.eval()(ids, px).logits, rtol=1e-4, atol=1e-5)
 
 
 def test_hd_equals_base_on_the_concatenated_sequence(base_path: Path) -> None:
@@ -266,6 +314,7 @@ def test_xattn_cached_generation_equals_recomputation(base_path: Path) -> None:
     ("flexattn", dict(budget=0.0), r"budget=0.0 must be in \(0, 1\]"),
     ("flexattn", dict(budget=1.5), r"budget=1.5 must be in \(0, 1\]"),
     ("flexattn", dict(strategy="best"), "strategy='best'"),
+    ("flexattn", dict(hr_rows="prompt"), r"hr_rows='prompt'; choose one of \['answer', 'text'\]"),
     ("xattn", dict(hr_size=60), "hr_size=60 must be a multiple"),
     ("hd", dict(hr_size=90), "hr_size=90 must be a multiple of the patch size 14"),
 ])

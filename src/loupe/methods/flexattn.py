@@ -12,9 +12,11 @@ self-attention: the HR rows attend to [text/LR keys ; selected HR keys], with
     RMSNorm initialised from the layer's input norm, Loupe's default, or none as officially)
 and each layer selects anew, from its own attention, for the next layer (DESIGN.md §2).
 
-Which rows see HR: with `loss_rows` (training) the rows that predict answer tokens;
-otherwise the last row (inference), and every generated token's row. Prompt rows never
-see HR, and HR tokens are never queries.
+Which rows see HR (`hr_rows="answer"`, official): with `loss_rows` (training) the rows that
+predict answer tokens; otherwise the last row (inference), and every generated token's row.
+Prompt rows never see HR, and HR tokens are never queries. `hr_rows="text"` (beyond the
+paper) adds every text row after the image - the question and its options - each with its
+own selection, so a prompt row can read HR detail before the answer row reads it.
 
 Fast: all rows go through the fused kernel; only the R HR rows (1 per sample at
 inference) are recomputed eagerly, which is where the selection probabilities come from;
@@ -85,6 +87,11 @@ class FlexAttnConfig(TiledConfig):
     # input norm (Loupe's default: W_K was trained on normed hidden states, and the projector's
     # output is ~20x their scale - DESIGN.md section 2); "none" = the raw projector output (official).
     hr_norm: str = "layer"
+    # Which rows see HR: "answer" = the rows that predict answer tokens in training, the last
+    # row (and each generated token's) in inference (official); "text" = those and every text
+    # row after the image (beyond the paper: a multiple-choice question's options can each be
+    # checked against the detail in their own rows, as LLaVA-HD's every row can).
+    hr_rows: str = "answer"
 
     # Checkpoints saved before `hr_norm` existed were trained on raw HR features.
     saved_defaults: ClassVar[dict[str, object]] = {"hr_norm": "none"}
@@ -123,9 +130,12 @@ class FlexAttnConfig(TiledConfig):
             raise ConfigError(f"gate_warmup={self.gate_warmup} must be > 0")
         if self.hr_norm not in HR_NORMS:
             raise ConfigError(f"hr_norm={self.hr_norm!r}; choose one of {list(HR_NORMS)}")
+        if self.hr_rows not in HR_ROWS:
+            raise ConfigError(f"hr_rows={self.hr_rows!r}; choose one of {list(HR_ROWS)}")
 
 
 HR_NORMS = ("layer", "none")
+HR_ROWS = ("answer", "text")
 
 
 class HRProjection(nn.Module):
@@ -311,11 +321,14 @@ class FlexAttention(HighResMethod):
 
     @classmethod
     def cost_plan(cls, cfg: VLMConfig, options: MethodConfig, workload: Workload) -> CostPlan:
-        """Per sample (one HR row, the last): layers first-1.. recompute that row eagerly
-        (its attention over the Tk keys, for the selection); layers first.. add its
-        attention over the S selected HR tokens and project them with W'_K, W'_V - at
-        prefill all S, at a memoised decode step only the fresh ones. A decode step's row
-        recomputation replaces the fused pass, so it costs nothing extra there."""
+        """Per sample and HR row (one, the last; with `hr_rows="text"` at prefill, every text
+        row after the image): layers first-1.. recompute the row eagerly (its attention over
+        the Tk keys, for the selection); layers first.. add its attention over the S selected
+        HR tokens and project them with W'_K, W'_V - at prefill all S, at a memoised decode
+        step only the fresh ones. With several rows, S is the union of their selections (the
+        rows attend over it, masked to their own): `workload.selected` is then the fraction a
+        layer projects. A decode step's row recomputation replaces the fused pass, so it costs
+        nothing extra there."""
         assert isinstance(options, FlexAttnConfig)
         plan, m = cls.hr_plan(cfg, options, workload)
         t = cfg.text
@@ -323,16 +336,18 @@ class FlexAttention(HighResMethod):
         kv = t.num_kv_heads * t.head_dim
         s = workload.selected * m
         fresh = workload.fresh * m if workload.memoised else s
+        after = workload.prompt_tokens if workload.question_tokens is None else workload.question_tokens
+        prefill_rows = max(1, after) if options.hr_rows == "text" else 1
 
-        def hr(projected: float) -> dict[str, float]:
-            return {"hr_attention": hierarchical * attention(1, s, t.num_heads, t.head_dim),
+        def hr(projected: float, rows: int) -> dict[str, float]:
+            return {"hr_attention": hierarchical * rows * attention(1, s, t.num_heads, t.head_dim),
                     "hr_projection": hierarchical * 2 * linear(projected, t.hidden_size, kv)}
 
         def prefill(tokens: int) -> dict[str, float]:
-            rows = (hierarchical + 1) * attention(1, tokens, t.num_heads, t.head_dim)
-            return {**hr(s), "hr_row_recompute": rows}
+            recompute = (hierarchical + 1) * prefill_rows * attention(1, tokens, t.num_heads, t.head_dim)
+            return {**hr(s, prefill_rows), "hr_row_recompute": recompute}
 
-        plan.prefill_extra, plan.decode_extra = prefill, lambda keys: hr(fresh)
+        plan.prefill_extra, plan.decode_extra = prefill, lambda keys: hr(fresh, 1)
         plan.image_parts = ("hr_attention", "hr_projection")
         return plan
 
@@ -537,18 +552,41 @@ class FlexAttention(HighResMethod):
 
     def _hr_rows(self, step: Step, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor, bool | None]:
         """Indices (B, R) of the new rows that see HR, which of them are real, and whether the
-        host knows that all are (inference: the one last row; None: read the mask)."""
+        host knows that all are (inference: the one last row; None: read the mask). A sample's
+        real rows are the last of its R slots, in order, so slot R - 1 is its last HR row."""
         b, t = shape
-        if step.loss_rows is None:
+        marked = self._marked_rows(step, t)  # (B, T) or None
+        if marked is None:
             return torch.full((b, 1), t - 1, device=step.image_mask.device), step.image_mask.new_ones(b, 1), True
-        counts = step.loss_rows.sum(1)
+        counts = marked.sum(1)
         r = max(1, int(counts.max()))
-        order = torch.argsort((~step.loss_rows).to(torch.int8), dim=1, stable=True)[:, :r]  # (B, R) marked first
-        valid = torch.arange(r, device=counts.device)[None] < counts[:, None]  # (B, R)
+        order = torch.argsort(marked.to(torch.int8), dim=1, stable=True)[:, t - r:]  # (B, R) marked last
+        valid = torch.arange(r, device=counts.device)[None] >= (r - counts)[:, None]  # (B, R)
         return torch.where(valid, order, t - 1), valid, None
+
+    def _marked_rows(self, step: Step, t: int) -> torch.Tensor | None:
+        """(B, T) True at the new rows that see HR; None: only the last row (inference, official)."""
+        after = self._text_after_image(step, t) if self.options.hr_rows == "text" else None
+        if step.loss_rows is not None:
+            return step.loss_rows if after is None else step.loss_rows | after
+        if after is None:
+            return None
+        last = torch.zeros_like(after)
+        last[:, -1] = True  # the row that predicts the next token, as officially
+        return after | last
+
+    @staticmethod
+    def _text_after_image(step: Step, t: int) -> torch.Tensor:
+        """(B, T) True at the real new rows after the sample's last image token (all False
+        on a decode step, whose new rows hold no image)."""
+        pos = torch.arange(t, device=step.image_mask.device)
+        last_image = torch.where(step.image_mask, pos, -1).max(1).values  # (B,) -1: none in these rows
+        after = (pos[None] > last_image[:, None]) & (last_image[:, None] >= 0)  # (B, T)
+        return after & step.key_valid[:, -t:]
 
 
 def _fraction(sel: torch.Tensor, row_valid: torch.Tensor, hr_valid: torch.Tensor) -> torch.Tensor:
-    """Mean selected fraction of a sample's (real) HR tokens over its real rows: (B,)."""
-    per_row = sel.float().sum(-1) / hr_valid.sum(-1, keepdim=True).clamp_min(1)  # (B, R)
-    return (per_row * row_valid).sum(1) / row_valid.sum(1).clamp_min(1)
+    """Fraction of a sample's (real) HR tokens that any of its real rows selected: (B,) - what
+    the layer brings in for it (`Workload.selected`; one row's selection at inference, officially)."""
+    union = (sel & row_valid[..., None]).any(1)  # (B, M)
+    return union.float().sum(-1) / hr_valid.sum(-1).clamp_min(1)
