@@ -209,9 +209,11 @@ def test_batched_equals_per_sample(base_path: Path, hr_rows: str) -> None:
     assert not torch.equal(sel[0], sel[1])  # different images, different selections
     torch.testing.assert_close(both.logits[0, pad:], one.logits[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(both.logits[1], two.logits[0], rtol=1e-4, atol=1e-5)
-    rows = one.report.selection[3].shape[1]  # a sample's real HR rows are its last slots
-    torch.testing.assert_close(both.report.selection[3][0, -rows:], one.report.selection[3][0])
+    rows = one.report.selection[3].shape[1]  # a sample's real HR rows are its first slots
+    torch.testing.assert_close(both.report.selection[3][0, :rows], one.report.selection[3][0])
     torch.testing.assert_close(both.report.selection[3][1], two.report.selection[3][0])
+    for layer, sel in one.report.answer_selection().items():  # the last real row's, padded or not
+        torch.testing.assert_close(both.report.answer_selection()[layer][0], sel[0])
 
 
 @pytest.mark.parametrize("hr_rows", ["answer", "text"])

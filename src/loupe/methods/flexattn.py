@@ -250,10 +250,17 @@ class FlexReport(MethodReport):
     hr_rows_valid: torch.Tensor | None = None  # (B, R) False at padding
 
     def answer_selection(self) -> dict[int, torch.Tensor]:
-        return {layer: sel[:, -1] for layer, sel in self.selection.items()}  # (B, M) the last HR row's
+        return {layer: self._last_row(sel) for layer, sel in self.selection.items()}  # (B, M) the last HR row's
 
     def answer_attention(self) -> dict[int, torch.Tensor]:
-        return {layer: att[:, -1] for layer, att in self.lr_attention.items()}  # (B, N)
+        return {layer: self._last_row(att) for layer, att in self.lr_attention.items()}  # (B, N)
+
+    def _last_row(self, per_row: torch.Tensor) -> torch.Tensor:
+        """(B, R, X) -> (B, X) at each sample's last real HR row (its real rows come first)."""
+        if self.hr_rows_valid is None or per_row.shape[1] == 1:
+            return per_row[:, -1]
+        last = (self.hr_rows_valid.sum(1) - 1).clamp_min(0).to(per_row.device)  # (B,)
+        return per_row.gather(1, last[:, None, None].expand(-1, 1, per_row.shape[2]))[:, 0]
 
 
 @dataclass
@@ -553,15 +560,15 @@ class FlexAttention(HighResMethod):
     def _hr_rows(self, step: Step, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor, bool | None]:
         """Indices (B, R) of the new rows that see HR, which of them are real, and whether the
         host knows that all are (inference: the one last row; None: read the mask). A sample's
-        real rows are the last of its R slots, in order, so slot R - 1 is its last HR row."""
+        real rows fill the first of its R slots, in order (the rest repeat row T - 1, masked)."""
         b, t = shape
         marked = self._marked_rows(step, t)  # (B, T) or None
         if marked is None:
             return torch.full((b, 1), t - 1, device=step.image_mask.device), step.image_mask.new_ones(b, 1), True
         counts = marked.sum(1)
         r = max(1, int(counts.max()))
-        order = torch.argsort(marked.to(torch.int8), dim=1, stable=True)[:, t - r:]  # (B, R) marked last
-        valid = torch.arange(r, device=counts.device)[None] >= (r - counts)[:, None]  # (B, R)
+        order = torch.argsort((~marked).to(torch.int8), dim=1, stable=True)[:, :r]  # (B, R) marked first
+        valid = torch.arange(r, device=counts.device)[None] < counts[:, None]  # (B, R)
         return torch.where(valid, order, t - 1), valid, None
 
     def _marked_rows(self, step: Step, t: int) -> torch.Tensor | None:
