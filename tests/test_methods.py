@@ -216,6 +216,23 @@ def test_batched_equals_per_sample(base_path: Path, hr_rows: str) -> None:
         torch.testing.assert_close(both.report.answer_selection()[layer][0], sel[0])
 
 
+def test_text_rows_cached_decoding_equals_recomputing_the_whole_sequence(base_path: Path) -> None:
+    """With hr_rows="text" every row after the image sees HR, in a prefill, in each decode step
+    and in one uncached forward over prompt + generated tokens alike: the logits agree."""
+    model = flex(base_path, hr_rows="text")
+    ids, px = prompt_ids(6, 16, seed=6), pixels(1, seed=6, size=HR)
+    steps = 5
+    with torch.no_grad():
+        cache = model.new_cache(1, ids.shape[1] + steps)
+        logits = [model(ids, px, cache=cache).logits[:, -1]]
+        tokens = []
+        for _ in range(steps - 1):
+            tokens.append(logits[-1].argmax(-1, keepdim=True))  # (1, 1)
+            logits.append(model(tokens[-1], cache=cache).logits[:, -1])
+        whole = model(torch.cat([ids, *tokens], 1), px).logits  # no cache
+    torch.testing.assert_close(whole[:, ids.shape[1] - 1:], torch.stack(logits, 1), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("hr_rows", ["answer", "text"])
 def test_memoised_generation_equals_reprojecting(base_path: Path, hr_rows: str) -> None:
     memo, again = flex(base_path, hr_rows=hr_rows), flex(base_path, memoise=False, hr_rows=hr_rows)
