@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from loupe.evaluate import EvalResult, Prediction
 from loupe.files import write_atomic, write_json
 from loupe.reproduce import FLEX, NATIVE, Run, reproduce
 
@@ -33,12 +34,11 @@ REFERENCE_ROWS = ("hd", "flexattn", "flexattn-oracle", "flexattn-random", "flexa
 
 def by_format(predictions: Path) -> dict[str, Any]:
     """% correct on the hard questions of each answer format, and how many there are."""
-    rows = [p for p in json.loads(predictions.read_text()) if p["meta"].get("kind") == "hard"]
+    result = EvalResult([Prediction(**p) for p in json.loads(predictions.read_text())])
     out: dict[str, Any] = {}
     for fmt in FORMATS:
-        picked = [p for p in rows if p["meta"].get("format") == fmt]
-        out[fmt] = 100 * sum(p["correct"] for p in picked) / max(1, len(picked))
-        out[f"{fmt}_questions"] = len(picked)
+        out[fmt] = result.accuracy(kind="hard", format=fmt) or 0.0
+        out[f"{fmt}_questions"] = result.count(kind="hard", format=fmt)
     return out
 
 

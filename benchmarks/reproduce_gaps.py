@@ -20,50 +20,42 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from loupe.evaluate import EvalResult, Prediction
 from loupe.files import write_atomic, write_json
 
 METHODS = ("lowres", "hd", "xattn", "flexattn", "flexattn-oracle", "flexattn-random", "flexattn-center",
            "visor-2", "visor-router")
 SELECTIONS = ("flexattn", "flexattn-random", "flexattn-center")
-Record = dict[str, Any]
+GROUP = ("kind", "type", "format")  # the metadata a question group is named by
 
 
-def load(folder: Path, label: str) -> list[Record] | None:
+def load(folder: Path, label: str) -> EvalResult | None:
     path = folder / "runs" / label / "predictions.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    return EvalResult([Prediction(**p) for p in json.loads(path.read_text())]) if path.is_file() else None
 
 
-def accuracy(records: list[Record]) -> float | None:
-    return 100 * sum(r["correct"] for r in records) / len(records) if records else None
+def by_type(result: EvalResult) -> dict[str, dict[str, Any]]:
+    """Question group ("kind type format") -> accuracy and count."""
+    groups = sorted({tuple(p.meta[k] for k in GROUP) for p in result.predictions})
+    return {" ".join(g): {"accuracy": result.accuracy(**dict(zip(GROUP, g, strict=True))),
+                          "n": result.count(**dict(zip(GROUP, g, strict=True)))} for g in groups}
 
 
-def group(record: Record) -> str:
-    meta = record["meta"]
-    return f"{meta['kind']} {meta['type']} {meta['format']}"
-
-
-def by_type(records: list[Record]) -> dict[str, dict[str, Any]]:
-    """Question group -> accuracy and count."""
-    groups: dict[str, list[Record]] = {}
-    for r in records:
-        groups.setdefault(group(r), []).append(r)
-    return {g: {"accuracy": accuracy(rs), "n": len(rs)} for g, rs in sorted(groups.items())}
-
-
-def by_hit(records: list[Record]) -> dict[str, dict[str, Any]]:
+def by_hit(result: EvalResult) -> dict[str, Any]:
     """Hard short-answer questions split by whether every layer's selection held the tag."""
-    hard = [r for r in records if r["meta"]["kind"] == "hard" and r["meta"]["format"] == "short" and r.get("tag_hit")]
-    hit = [r for r in hard if all(r["tag_hit"].values())]
-    miss = [r for r in hard if not all(r["tag_hit"].values())]
-    return {"hit": {"accuracy": accuracy(hit), "n": len(hit)}, "miss": {"accuracy": accuracy(miss), "n": len(miss)},
-            "hit_share": 100 * len(hit) / len(hard) if hard else None}
+    hard = [p for p in result.predictions if p.meta["kind"] == "hard" and p.meta["format"] == "short" and p.tag_hit]
+    hit = EvalResult([p for p in hard if all(p.tag_hit.values())])
+    miss = EvalResult([p for p in hard if not all(p.tag_hit.values())])
+    return {"hit": {"accuracy": hit.accuracy(), "n": len(hit.predictions)},
+            "miss": {"accuracy": miss.accuracy(), "n": len(miss.predictions)},
+            "hit_share": 100 * len(hit.predictions) / len(hard) if hard else None}
 
 
-def collect(folders: list[Path], fn: Callable[[list[Record]], dict], labels: tuple[str, ...]) -> dict[str, list[dict]]:
+def collect(folders: list[Path], fn: Callable[[EvalResult], dict], labels: tuple[str, ...]) -> dict[str, list[dict]]:
     """label -> one `fn` result per seed (runs without predictions skipped)."""
     out: dict[str, list[dict]] = {}
     for label in labels:
-        per_seed = [fn(recs) for recs in (load(f, label) for f in folders) if recs is not None]
+        per_seed = [fn(result) for result in (load(f, label) for f in folders) if result is not None]
         if per_seed:
             out[label] = per_seed
     return out
